@@ -1,0 +1,126 @@
+//! The pid file and its lock.
+//!
+//! The pid file is both a record and a mutex: the master holds an exclusive `flock` on it for
+//! its whole life (the lock belongs to the open file, so it survives the master's re-exec). A
+//! second master on the same config finds it locked and fails with "already running, pid N"; a
+//! pid file left by a master that died is unlocked, and simply taken over.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+
+use crate::errno::{describe, describe_io};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PidFileError {
+    #[error("already running, pid {pid} (pid file {path} is locked)")]
+    AlreadyRunning { pid: String, path: String },
+    #[error("pid file {path}: {op}: {msg}")]
+    Io { path: String, op: &'static str, msg: String },
+}
+
+pub struct PidFile {
+    file: File,
+    path: PathBuf,
+    ino: u64,
+}
+
+/// Create the directory that holds a runtime file (pid file, sockets) if it is missing.
+pub fn ensure_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => {
+            use std::os::unix::fs::DirBuilderExt;
+            let mode = if nix::unistd::Uid::effective().is_root() { 0o755 } else { 0o700 };
+            std::fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Read the pid recorded in a pid file, if any.
+pub fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+impl PidFile {
+    /// Take the lock and write our pid.
+    pub fn acquire(path: &Path) -> Result<PidFile, PidFileError> {
+        let io = |op: &'static str| {
+            move |e: std::io::Error| PidFileError::Io {
+                path: path.display().to_string(),
+                op,
+                msg: describe_io(&e),
+            }
+        };
+        ensure_parent(path).map_err(io("create directory"))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .custom_flags(nix::libc::O_CLOEXEC)
+            .open(path)
+            .map_err(io("open"))?;
+        // SAFETY: flock on an fd we own; no memory is involved.
+        if unsafe { nix::libc::flock(file.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB) } != 0 {
+            let errno = Errno::last();
+            if errno == Errno::EWOULDBLOCK {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                return Err(PidFileError::AlreadyRunning {
+                    pid: if pid.is_empty() { "unknown".into() } else { pid.into() },
+                    path: path.display().to_string(),
+                });
+            }
+            return Err(PidFileError::Io {
+                path: path.display().to_string(),
+                op: "flock",
+                msg: describe(errno),
+            });
+        }
+        file.set_len(0).map_err(io("truncate"))?;
+        file.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
+        writeln!(file, "{}", std::process::id()).map_err(io("write"))?;
+        let ino = file.metadata().map_err(io("stat"))?.ino();
+        Ok(PidFile {
+            file,
+            path: path.to_path_buf(),
+            ino,
+        })
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        // Remove the file only while it is still ours, and while we still hold the lock.
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        let _ = self.file.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_reports_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/app.pid");
+        let first = PidFile::acquire(&path).unwrap();
+        assert_eq!(read_pid(&path), Some(std::process::id() as i32));
+        let err = PidFile::acquire(&path).err().unwrap().to_string();
+        assert!(err.starts_with(&format!("already running, pid {}", std::process::id())), "{err}");
+        drop(first);
+        assert!(!path.exists());
+        let again = PidFile::acquire(&path).unwrap();
+        drop(again);
+    }
+}

@@ -1,0 +1,242 @@
+//! Listening sockets: binding tcp and unix listeners, the unix socket file policy, and the
+//! listener's lifetime.
+//!
+//! A [`Listener`] is created once and shared (`Rc`) by the master's current set and by every
+//! worker that received it. The socket closes, and a unix socket file that this master created
+//! is removed, when the last holder lets go: so a listener dropped from the config by a reload
+//! stays open until the old workers that use it have gone, and a kept listener is the same
+//! socket object for every generation.
+//!
+//! Unix socket file policy: a path that exists and is not a socket is never removed; a socket
+//! file that somebody still listens on is "in use"; a socket file nobody listens on is stale and
+//! replaced. On drop, the file is removed only if it is still the very inode this master bound.
+
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, bind, connect, listen, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
+    UnixAddr,
+};
+use nix::sys::stat::{fchmodat, FchmodatFlags, Mode};
+use nix::unistd::fchownat;
+
+use crate::config::{ListenAddr, ListenConfig};
+use crate::errno::describe;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error("listener {name:?}: {op} {addr}: {}", describe(*errno))]
+    Sys {
+        name: String,
+        op: &'static str,
+        addr: String,
+        errno: Errno,
+    },
+    #[error("listener {name:?}: {path} exists and is not a socket; refusing to remove it")]
+    NotASocket { name: String, path: String },
+    #[error("listener {name:?}: {path} is in use: another process listens on it")]
+    InUse { name: String, path: String },
+}
+
+/// A bound, listening socket.
+pub struct Listener {
+    fd: OwnedFd,
+    addr: ListenAddr,
+    /// The socket file this master created, with its identity, removed on drop.
+    created: Option<(PathBuf, u64, u64)>,
+    backlog: std::cell::Cell<i32>,
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Listener({} fd {})", self.addr, self.fd.as_raw_fd())
+    }
+}
+
+impl Listener {
+    /// Bind and listen according to `cfg`. The socket is close-on-exec, like every fd the
+    /// master holds; only the spawn path hands it to workers.
+    pub fn bind(cfg: &ListenConfig) -> Result<Listener, ListenError> {
+        let sys = |op: &'static str, errno: Errno| ListenError::Sys {
+            name: cfg.name.clone(),
+            op,
+            addr: cfg.addr.to_string(),
+            errno,
+        };
+        let flags = SockFlag::SOCK_CLOEXEC;
+        let (fd, created) = match &cfg.addr {
+            ListenAddr::Tcp(sa) => {
+                let family = if sa.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+                let fd = socket::socket(family, SockType::Stream, flags, None).map_err(|e| sys("socket", e))?;
+                setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| sys("setsockopt SO_REUSEADDR", e))?;
+                let r = match sa {
+                    std::net::SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(*a)),
+                    std::net::SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(*a)),
+                };
+                r.map_err(|e| sys("bind", e))?;
+                (fd, None)
+            }
+            ListenAddr::Abstract(name) => {
+                let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None).map_err(|e| sys("socket", e))?;
+                let ua = UnixAddr::new_abstract(name.as_bytes()).map_err(|e| sys("address", e))?;
+                bind(fd.as_raw_fd(), &ua).map_err(|e| sys("bind", e))?;
+                (fd, None)
+            }
+            ListenAddr::Unix(path) => {
+                let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None).map_err(|e| sys("socket", e))?;
+                clear_stale(&cfg.name, path)?;
+                let ua = UnixAddr::new(path.as_path()).map_err(|e| sys("address", e))?;
+                bind(fd.as_raw_fd(), &ua).map_err(|e| sys("bind", e))?;
+                let meta = std::fs::symlink_metadata(path).map_err(|e| sys("stat", io_errno(&e)))?;
+                (fd, Some((path.clone(), meta.dev(), meta.ino())))
+            }
+        };
+        let l = Listener {
+            fd,
+            addr: cfg.addr.clone(),
+            created,
+            backlog: std::cell::Cell::new(cfg.backlog),
+        };
+        l.apply_file_settings(cfg)?;
+        listen(&l.fd, Backlog::new(cfg.backlog).unwrap_or(Backlog::MAXCONN)).map_err(|e| sys("listen", e))?;
+        Ok(l)
+    }
+
+    /// Adopt an already listening socket (from systemd); it is never unlinked by us.
+    #[allow(dead_code)]
+    pub fn adopt(fd: OwnedFd, cfg: &ListenConfig) -> Listener {
+        Listener {
+            fd,
+            addr: cfg.addr.clone(),
+            created: None,
+            backlog: std::cell::Cell::new(cfg.backlog),
+        }
+    }
+
+    pub fn addr(&self) -> &ListenAddr {
+        &self.addr
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// The address actually bound (resolves port 0).
+    pub fn local_addr(&self) -> String {
+        match &self.addr {
+            ListenAddr::Tcp(_) => match socket::getsockname::<socket::SockaddrStorage>(self.fd.as_raw_fd()) {
+                Ok(ss) => ss.to_string(),
+                Err(_) => self.addr.to_string(),
+            },
+            other => other.to_string(),
+        }
+    }
+
+    /// Apply a reload's settings to a kept listener in place: unix mode and owner, backlog.
+    pub fn update(&self, cfg: &ListenConfig) -> Result<(), ListenError> {
+        self.apply_file_settings(cfg)?;
+        if cfg.backlog != self.backlog.get() {
+            listen(&self.fd, Backlog::new(cfg.backlog).unwrap_or(Backlog::MAXCONN)).map_err(|errno| ListenError::Sys {
+                name: cfg.name.clone(),
+                op: "listen",
+                addr: cfg.addr.to_string(),
+                errno,
+            })?;
+            self.backlog.set(cfg.backlog);
+        }
+        Ok(())
+    }
+
+    fn apply_file_settings(&self, cfg: &ListenConfig) -> Result<(), ListenError> {
+        let ListenAddr::Unix(path) = &cfg.addr else { return Ok(()) };
+        let sys = |op: &'static str, errno: Errno| ListenError::Sys {
+            name: cfg.name.clone(),
+            op,
+            addr: cfg.addr.to_string(),
+            errno,
+        };
+        if let Some(mode) = cfg.mode {
+            fchmodat(None, path.as_path(), Mode::from_bits_truncate(mode), FchmodatFlags::NoFollowSymlink)
+                .map_err(|e| sys("chmod", e))?;
+        }
+        if cfg.owner.is_some() || cfg.group.is_some() {
+            fchownat(None, path.as_path(), cfg.owner, cfg.group, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| sys("chown", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some((path, dev, ino)) = &self.created {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if meta.dev() == *dev && meta.ino() == *ino {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(0))
+}
+
+/// Make room for a unix socket at `path`: remove a stale socket file, refuse anything else.
+fn clear_stale(name: &str, path: &Path) -> Result<(), ListenError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(ListenError::Sys {
+                name: name.into(),
+                op: "stat",
+                addr: path.display().to_string(),
+                errno: io_errno(&e),
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ListenError::NotASocket {
+            name: name.into(),
+            path: path.display().to_string(),
+        });
+    }
+    if socket_is_live(path) {
+        return Err(ListenError::InUse {
+            name: name.into(),
+            path: path.display().to_string(),
+        });
+    }
+    std::fs::remove_file(path).map_err(|e| ListenError::Sys {
+        name: name.into(),
+        op: "unlink stale socket",
+        addr: path.display().to_string(),
+        errno: io_errno(&e),
+    })
+}
+
+/// Whether some process accepts connections on the unix socket file at `path`.
+pub fn socket_is_live(path: &Path) -> bool {
+    let Ok(fd) = socket::socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    ) else {
+        return false;
+    };
+    let Ok(ua) = UnixAddr::new(path) else { return false };
+    // A full backlog answers EAGAIN, which still means somebody listens.
+    !matches!(connect(fd.as_raw_fd(), &ua), Err(Errno::ECONNREFUSED | Errno::ENOENT))
+}

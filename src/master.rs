@@ -1,0 +1,766 @@
+//! The master: one thread, one event loop, one owner of every fd and every piece of state.
+//!
+//! Each turn of [`Master::run`] polls the signal self-pipe, the notify socket and every
+//! worker's log pipes, with the earliest pending deadline as the timeout, and then handles, in
+//! this fixed order: signals → reaping children → readiness messages → log lines → expired
+//! deadlines → the generation logic ([`Master::advance`]), which starts, commits or fails a
+//! reload, finishes the start-up and ends the stop.
+//!
+//! Generations. Workers started together from one reading of the config form a generation.
+//! `generation` is the one serving; a reload builds `reload` (the next generation, its config
+//! and its listeners) and commits it only once all its workers are ready: then the serving
+//! generation is asked to stop and the new one takes its place. If one of its workers exits or
+//! misses its start timeout first, the whole new generation is killed and the serving one is
+//! untouched. Reload requests that arrive meanwhile set `reload_again`: one more reload after.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use slog::{debug, error, info, warn, Logger};
+
+use crate::config::{self, Config, Restart};
+use crate::daemon::{ensure_parent, PidFile};
+use crate::errno::describe_io;
+use crate::listen::Listener;
+use crate::log::Sink;
+use crate::notify::NotifyServer;
+use crate::relay::{Pipe, Stream};
+use crate::spawn::{spawn, SpawnSpec};
+use crate::worker::{Effect, Event, ExitStatus, State, Worker};
+
+/// Crash back-off: 100 ms doubling up to 30 s, forgotten once a worker has lived 10 s.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_RESET: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    PidFile(#[from] crate::daemon::PidFileError),
+    #[error(transparent)]
+    Listen(#[from] crate::listen::ListenError),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Signals the master reacts to. Handlers only set a flag and wake the loop through a pipe.
+struct Signals {
+    wake_r: UnixStream,
+    _wake_w: UnixStream,
+    flags: Vec<(Signal, Arc<AtomicBool>)>,
+}
+
+const HANDLED: [Signal; 7] = [
+    Signal::SIGHUP,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGCHLD,
+    Signal::SIGQUIT,
+];
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        let (wake_r, wake_w) = UnixStream::pair()?;
+        wake_r.set_nonblocking(true)?;
+        wake_w.set_nonblocking(true)?;
+        let mut flags = Vec::new();
+        for sig in HANDLED {
+            let flag = Arc::new(AtomicBool::new(false));
+            // Flag first, then the wake-up: when the loop wakes, the flag is already set.
+            signal_hook::flag::register(sig as i32, Arc::clone(&flag))?;
+            signal_hook::low_level::pipe::register_raw(sig as i32, wake_w.as_raw_fd())?;
+            flags.push((sig, flag));
+        }
+        Ok(Signals {
+            wake_r,
+            _wake_w: wake_w,
+            flags,
+        })
+    }
+
+    /// Drain the wake-up pipe and return the signals that arrived, in a fixed order.
+    fn take(&self) -> Vec<Signal> {
+        let mut buf = [0u8; 256];
+        while nix::unistd::read(self.wake_r.as_raw_fd(), &mut buf).map_or(false, |n| n > 0) {}
+        self.flags
+            .iter()
+            .filter(|(_, f)| f.swap(false, Ordering::SeqCst))
+            .map(|(s, _)| *s)
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The first generation is starting.
+    Starting,
+    Running,
+    Stopping,
+}
+
+/// Why a generation failed to start.
+struct Failure {
+    reason: String,
+    tail: Vec<String>,
+}
+
+/// A reload under way: the next generation, with what it was started from.
+struct Reload {
+    generation: u64,
+    config: Rc<Config>,
+    listeners: Vec<Rc<Listener>>,
+    failure: Option<Failure>,
+}
+
+/// Crash-restart state of one worker position of the serving generation.
+#[derive(Default, Clone)]
+struct Slot {
+    failures: u32,
+    restarts: u32,
+    restart_at: Option<Instant>,
+}
+
+pub struct Master {
+    log: Logger,
+    sink: Sink,
+    config: Rc<Config>,
+    listeners: Vec<Rc<Listener>>,
+    generation: u64,
+    next_generation: u64,
+    workers: Vec<Worker>,
+    slots: Vec<Slot>,
+    reload: Option<Reload>,
+    reload_again: bool,
+    start_failure: Option<Failure>,
+    phase: Phase,
+    exit_code: i32,
+    /// Log pipes of reaped workers that something else (a grandchild) still holds open.
+    orphan_pipes: Vec<(Pid, u64, Pipe)>,
+    signals: Signals,
+    notify: NotifyServer,
+    _pid_file: PidFile,
+}
+
+/// Tail lines of a worker for a failure report.
+fn tail_of(w: &Worker) -> Vec<String> {
+    w.tail.iter().cloned().collect()
+}
+
+fn emit_line(log: &Logger, pid: Pid, generation: u64, stream: Stream, line: &[u8]) -> String {
+    let text = String::from_utf8_lossy(line);
+    info!(log, "{}", text; "stream" => stream.as_str(), "generation" => generation, "pid" => pid.as_raw());
+    text.into_owned()
+}
+
+impl Master {
+    /// Everything up to the first spawn: pid-file lock, signals, notify socket, listeners.
+    /// An error here leaves nothing behind: whatever was created is dropped and removed.
+    pub fn start(config: Config, log: Logger, sink: Sink) -> Result<Master, StartError> {
+        let config = Rc::new(config);
+        let m = &config.master;
+        let pid_file = PidFile::acquire(&m.pid_file)?;
+        ensure_parent(&m.notify_socket)
+            .map_err(|e| StartError::Other(format!("create directory for {}: {}", m.notify_socket.display(), describe_io(&e))))?;
+        let signals = Signals::install().map_err(|e| StartError::Other(format!("installing signal handlers: {e}")))?;
+        // SAFETY: prctl with integer arguments only.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
+        let notify = NotifyServer::bind(&m.notify_socket, config.worker.credentials.as_ref().map(|c| c.uid))?;
+        let mut listeners = Vec::with_capacity(config.listen.len());
+        for lc in &config.listen {
+            let l = Listener::bind(lc)?;
+            info!(log, "listening"; "addr" => l.local_addr(), "name" => &lc.name);
+            listeners.push(Rc::new(l));
+        }
+        Ok(Master {
+            log,
+            sink,
+            config,
+            listeners,
+            generation: 1,
+            next_generation: 2,
+            workers: Vec::new(),
+            slots: Vec::new(),
+            reload: None,
+            reload_again: false,
+            start_failure: None,
+            phase: Phase::Starting,
+            exit_code: 0,
+            orphan_pipes: Vec::new(),
+            signals,
+            notify,
+            _pid_file: pid_file,
+        })
+    }
+
+    /// Run until stopped; returns the process exit code.
+    pub fn run(mut self) -> i32 {
+        info!(self.log, "starting"; "workers" => self.config.worker.count, "generation" => 1, "pid" => std::process::id());
+        let (config, listeners) = (Rc::clone(&self.config), self.listeners.clone());
+        self.slots = vec![Slot::default(); config.worker.count];
+        for slot in 0..config.worker.count {
+            if let Err(reason) = self.spawn_worker(&config, &listeners, 1, slot) {
+                self.start_failure = Some(Failure { reason, tail: vec![] });
+                break;
+            }
+        }
+        loop {
+            self.advance();
+            if self.phase == Phase::Stopping && self.workers.is_empty() {
+                break;
+            }
+            let ready = self.poll();
+            for sig in self.signals.take() {
+                self.on_signal(sig);
+            }
+            self.reap();
+            self.read_notify();
+            self.pump_pipes(&ready);
+            self.tick(Instant::now());
+        }
+        for (pid, generation, mut pipe) in std::mem::take(&mut self.orphan_pipes) {
+            let (log, stream) = (&self.log, pipe.stream);
+            pipe.pump(true, |line| {
+                emit_line(log, pid, generation, stream, line);
+            });
+        }
+        info!(self.log, "stopped"; "exit_code" => self.exit_code);
+        self.exit_code
+    }
+
+    fn spawn_worker(&mut self, config: &Rc<Config>, listeners: &[Rc<Listener>], generation: u64, slot: usize) -> Result<(), String> {
+        let spec = SpawnSpec {
+            worker: &config.worker,
+            names: config.listen.iter().map(|l| l.name.as_str()).collect(),
+            listeners,
+            notify_socket: self.notify.path(),
+            generation,
+            rlimits: &config.rlimits,
+        };
+        let spawned = spawn(&spec).map_err(|e| {
+            let msg = format!("starting worker: {e}");
+            error!(self.log, "{}", msg; "generation" => generation);
+            msg
+        })?;
+        let now = Instant::now();
+        let ready_at = match config.worker.ready {
+            config::Ready::Delay(d) => Some(now + d),
+            config::Ready::Notify => None,
+        };
+        info!(self.log, "worker started"; "slot" => slot, "generation" => generation, "pid" => spawned.pid.as_raw());
+        self.workers.push(Worker {
+            pid: spawned.pid,
+            generation,
+            slot,
+            state: State::Starting {
+                deadline: now + config.worker.start_timeout,
+                ready_at,
+            },
+            started: now,
+            started_wall: std::time::SystemTime::now(),
+            stop_signal: config.worker.stop_signal,
+            stop_timeout: config.worker.stop_timeout,
+            pipes: vec![Pipe::new(spawned.stdout, Stream::Stdout), Pipe::new(spawned.stderr, Stream::Stderr)],
+            tail: Default::default(),
+            status_text: None,
+            _listeners: listeners.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// Wait for something to do. Returns the fds that are readable.
+    fn poll(&mut self) -> Vec<RawFd> {
+        let mut fds: Vec<libc::pollfd> = Vec::with_capacity(2 + 2 * self.workers.len());
+        let mut add = |fd: RawFd| {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+        };
+        add(self.signals.wake_r.as_raw_fd());
+        add(self.notify.raw_fd());
+        for w in &self.workers {
+            for p in w.pipes.iter().filter(|p| !p.is_eof()) {
+                add(p.raw_fd());
+            }
+        }
+        for (_, _, p) in &self.orphan_pipes {
+            add(p.raw_fd());
+        }
+        let timeout = self.next_deadline().map_or(-1, |d| {
+            let left = d.saturating_duration_since(Instant::now());
+            // Round up, so that we never wake just before a deadline and spin.
+            left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+        });
+        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n <= 0 {
+            return Vec::new();
+        }
+        let mut ready: Vec<RawFd> = fds.iter().filter(|p| p.revents != 0).map(|p| p.fd).collect();
+        ready.sort_unstable();
+        ready
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.iter().filter_map(|w| w.state.deadline());
+        let restarts = self.slots.iter().filter_map(|s| s.restart_at);
+        workers.chain(restarts).min()
+    }
+
+    fn on_signal(&mut self, sig: Signal) {
+        match sig {
+            Signal::SIGHUP => self.request_reload(),
+            Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
+                if self.phase == Phase::Stopping {
+                    warn!(self.log, "second stop signal: killing all workers now"; "signal" => sig.as_str());
+                    for i in 0..self.workers.len() {
+                        self.feed(i, Event::Kill);
+                    }
+                } else {
+                    info!(self.log, "stopping"; "signal" => sig.as_str());
+                    self.begin_stop();
+                }
+            }
+            Signal::SIGUSR1 => self.reopen_logs(),
+            Signal::SIGUSR2 => {
+                warn!(self.log, "SIGUSR2 (upgrade) is not supported by this build; ignored");
+            }
+            _ => {}
+        }
+    }
+
+    fn reopen_logs(&mut self) {
+        match self.sink.reopen() {
+            Ok(()) => info!(self.log, "log reopened"),
+            Err(e) => error!(self.log, "reopening log failed; still writing to the old file"; "error" => describe_io(&e)),
+        }
+    }
+
+    /// Collect every exited child. Several may be behind one SIGCHLD.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    error!(self.log, "waitpid failed"; "error" => crate::errno::describe(e));
+                    break;
+                }
+                Ok(ws) => {
+                    if let Some((pid, status)) = ExitStatus::from_wait(ws) {
+                        self.on_exit(pid, status);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
+        let Some(i) = self.workers.iter().position(|w| w.pid == pid) else {
+            debug!(self.log, "reaped orphan"; "status" => status.to_string(), "pid" => pid.as_raw());
+            return;
+        };
+        // Everything it wrote is in its pipes now: read it before judging the exit.
+        self.drain_worker(i, true);
+        self.feed(i, Event::Exited(status));
+        let mut w = self.workers.remove(i);
+        // Whatever is left in its process group goes with it.
+        let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+        for p in w.pipes.drain(..).filter(|p| !p.is_eof()) {
+            self.orphan_pipes.push((w.pid, w.generation, p));
+        }
+    }
+
+    fn drain_worker(&mut self, i: usize, drain: bool) {
+        let log = &self.log;
+        let w = &mut self.workers[i];
+        let (pid, generation) = (w.pid, w.generation);
+        let mut lines = Vec::new();
+        for p in w.pipes.iter_mut() {
+            let stream = p.stream;
+            p.pump(drain, |line| lines.push(emit_line(log, pid, generation, stream, line)));
+        }
+        for l in lines {
+            w.remember(&l);
+        }
+    }
+
+    fn read_notify(&mut self) {
+        for msg in self.notify.receive() {
+            let i = match self.workers.iter().position(|w| w.pid == msg.pid) {
+                Some(i) => Some(i),
+                None => nix::unistd::getpgid(Some(msg.pid))
+                    .ok()
+                    .and_then(|pgid| self.workers.iter().position(|w| w.pid == pgid && w.state.is_alive())),
+            };
+            let Some(i) = i else {
+                debug!(self.log, "notify message from a process that is not a worker; ignored"; "sender" => msg.pid.as_raw());
+                continue;
+            };
+            if let Some(status) = msg.get("STATUS") {
+                debug!(self.log, "worker status"; "status" => status, "pid" => self.workers[i].pid.as_raw());
+                self.workers[i].status_text = Some(status.to_string());
+            }
+            if msg.get("STOPPING") == Some("1") {
+                debug!(self.log, "worker is stopping"; "pid" => self.workers[i].pid.as_raw());
+            }
+            if msg.get("READY") == Some("1") {
+                self.feed(i, Event::Ready);
+            }
+        }
+    }
+
+    fn pump_pipes(&mut self, ready: &[RawFd]) {
+        for i in 0..self.workers.len() {
+            if self.workers[i].pipes.iter().any(|p| ready.binary_search(&p.raw_fd()).is_ok()) {
+                self.drain_worker(i, false);
+            }
+        }
+        let log = &self.log;
+        self.orphan_pipes.retain_mut(|(pid, generation, p)| {
+            if ready.binary_search(&p.raw_fd()).is_ok() {
+                let stream = p.stream;
+                p.pump(false, |line| {
+                    emit_line(log, *pid, *generation, stream, line);
+                });
+            }
+            !p.is_eof()
+        });
+    }
+
+    fn tick(&mut self, now: Instant) {
+        for i in 0..self.workers.len() {
+            if self.workers[i].state.deadline().is_some_and(|d| d <= now) {
+                self.feed(i, Event::Tick(now));
+            }
+        }
+        let due: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| self.slots[s].restart_at.is_some_and(|t| t <= now))
+            .collect();
+        for slot in due {
+            self.slots[slot].restart_at = None;
+            self.slots[slot].restarts += 1;
+            let (config, listeners) = (Rc::clone(&self.config), self.listeners.clone());
+            if self.spawn_worker(&config, &listeners, self.generation, slot).is_err() {
+                self.schedule_restart(slot, Duration::ZERO);
+            }
+        }
+    }
+
+    /// Feed an event to worker `i` and act on what it reports.
+    fn feed(&mut self, i: usize, event: Event) {
+        let effects = self.workers[i].handle(event);
+        for effect in effects {
+            let w = &self.workers[i];
+            let (pid, generation, slot) = (w.pid.as_raw(), w.generation, w.slot);
+            match effect {
+                Effect::BecameReady => {
+                    info!(self.log, "worker ready"; "generation" => generation, "pid" => pid);
+                    if generation == self.generation && self.phase == Phase::Running {
+                        let lived = w.started.elapsed();
+                        debug!(self.log, "restarted worker ready"; "lived_ms" => lived.as_millis() as u64);
+                    }
+                }
+                Effect::StartTimedOut => {
+                    let tail = tail_of(w);
+                    let reason = format!(
+                        "worker pid {pid} did not become ready within {}",
+                        humantime::format_duration(self.config_of(generation).worker.start_timeout)
+                    );
+                    self.generation_failed(generation, slot, reason, tail);
+                }
+                Effect::Gone { status, expected } => {
+                    if expected {
+                        info!(self.log, "worker exited"; "status" => status.to_string(), "generation" => generation, "pid" => pid);
+                    } else {
+                        let (lived, tail) = (w.started.elapsed(), tail_of(w));
+                        let reason = format!("worker pid {pid} {status} during start-up");
+                        self.worker_died(generation, slot, pid, status, lived, reason, tail);
+                    }
+                }
+                Effect::SendStopSignal | Effect::KillGroup => {}
+            }
+        }
+    }
+
+    fn config_of(&self, generation: u64) -> Rc<Config> {
+        match &self.reload {
+            Some(r) if r.generation == generation => Rc::clone(&r.config),
+            _ => Rc::clone(&self.config),
+        }
+    }
+
+    /// A worker exited on its own.
+    #[allow(clippy::too_many_arguments)]
+    fn worker_died(&mut self, generation: u64, slot: usize, pid: i32, status: ExitStatus, lived: Duration, reason: String, tail: Vec<String>) {
+        let starting_gen = match (&self.reload, self.phase) {
+            (Some(r), _) if r.generation == generation => true,
+            (_, Phase::Starting) => generation == self.generation,
+            _ => false,
+        };
+        if starting_gen {
+            self.generation_failed(generation, slot, reason, tail);
+            return;
+        }
+        if generation != self.generation || self.phase == Phase::Stopping {
+            info!(self.log, "worker exited"; "status" => status.to_string(), "generation" => generation, "pid" => pid);
+            return;
+        }
+        let restart = match self.config.worker.restart {
+            Restart::Always => true,
+            Restart::OnFailure => !status.success(),
+            Restart::Never => false,
+        };
+        if !restart {
+            warn!(self.log, "worker exited; not restarting (restart policy)"; "status" => status.to_string(), "generation" => generation, "pid" => pid);
+            if !self.workers.iter().any(|w| w.generation == self.generation && w.state.is_alive() && w.pid.as_raw() != pid) {
+                info!(self.log, "no workers left and none to restart: stopping");
+                self.exit_code = if status.success() { 0 } else { 1 };
+                self.begin_stop();
+            }
+            return;
+        }
+        self.schedule_restart(slot, lived);
+        let delay = self.slots[slot].restart_at.map(|t| t.saturating_duration_since(Instant::now())).unwrap_or_default();
+        warn!(self.log, "worker exited unexpectedly; restarting";
+            "in_ms" => delay.as_millis() as u64, "status" => status.to_string(), "generation" => generation, "pid" => pid);
+    }
+
+    fn schedule_restart(&mut self, slot: usize, lived: Duration) {
+        let s = &mut self.slots[slot];
+        if lived >= BACKOFF_RESET {
+            s.failures = 0;
+        }
+        s.failures = s.failures.saturating_add(1);
+        let delay = BACKOFF_MIN.saturating_mul(1u32 << (s.failures - 1).min(20)).min(BACKOFF_MAX);
+        s.restart_at = Some(Instant::now() + delay);
+    }
+
+    /// A worker of a starting generation failed: record it; `advance` acts on it.
+    fn generation_failed(&mut self, generation: u64, slot: usize, reason: String, tail: Vec<String>) {
+        match &mut self.reload {
+            Some(r) if r.generation == generation => {
+                r.failure.get_or_insert(Failure { reason, tail });
+            }
+            _ if self.phase == Phase::Starting && generation == self.generation => {
+                self.start_failure.get_or_insert(Failure { reason, tail });
+            }
+            _ if generation == self.generation && self.phase == Phase::Running => {
+                // A restarted worker that never became ready: a crash like any other.
+                warn!(self.log, "{}", reason; "generation" => generation);
+                self.schedule_restart(slot, Duration::ZERO);
+            }
+            _ => {}
+        }
+    }
+
+    fn log_failure(&self, what: &str, generation: u64, f: &Failure) {
+        error!(self.log, "{}: {}", what, f.reason; "generation" => generation);
+        for line in &f.tail {
+            error!(self.log, "  | {}", line; "generation" => generation);
+        }
+    }
+
+    /// The generation logic: runs after every turn of the loop.
+    fn advance(&mut self) {
+        match self.phase {
+            Phase::Starting => {
+                if let Some(f) = self.start_failure.take() {
+                    self.log_failure("start failed", self.generation, &f);
+                    self.exit_code = 1;
+                    self.begin_stop();
+                } else if self.ready_count(self.generation) == self.config.worker.count {
+                    self.phase = Phase::Running;
+                    info!(self.log, "ready"; "workers" => self.config.worker.count, "generation" => self.generation);
+                }
+            }
+            Phase::Running => {
+                if let Some(r) = &self.reload {
+                    if r.failure.is_some() {
+                        self.fail_reload();
+                    } else if self.ready_count(r.generation) == r.config.worker.count {
+                        self.commit_reload();
+                    }
+                }
+                if self.reload.is_none() && self.reload_again && self.phase == Phase::Running {
+                    self.reload_again = false;
+                    self.start_reload();
+                }
+            }
+            Phase::Stopping => {}
+        }
+    }
+
+    fn ready_count(&self, generation: u64) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.generation == generation && w.state == State::Ready)
+            .count()
+    }
+
+    fn request_reload(&mut self) {
+        match self.phase {
+            Phase::Stopping => info!(self.log, "reload ignored: stopping"),
+            Phase::Starting => {
+                info!(self.log, "reload requested during start-up; it will follow");
+                self.reload_again = true;
+            }
+            Phase::Running if self.reload.is_some() => {
+                info!(self.log, "reload requested during a reload; one more will follow");
+                self.reload_again = true;
+            }
+            Phase::Running => self.start_reload(),
+        }
+    }
+
+    fn start_reload(&mut self) {
+        let generation = self.next_generation;
+        info!(self.log, "reloading"; "generation" => generation);
+        let config = match config::load(&self.config.path) {
+            Ok(c) => Rc::new(c),
+            Err(e) => {
+                error!(self.log, "reload failed: invalid config; nothing changed: {}", e; "generation" => generation);
+                return;
+            }
+        };
+        if config.master != self.config.master {
+            warn!(self.log, "[master] settings changed; they take effect at the next start, not on reload");
+        }
+        let mut listeners = Vec::with_capacity(config.listen.len());
+        for lc in &config.listen {
+            match self.listeners.iter().find(|l| l.addr() == &lc.addr) {
+                Some(kept) => listeners.push(Rc::clone(kept)),
+                None => match Listener::bind(lc) {
+                    Ok(l) => {
+                        info!(self.log, "listening"; "addr" => l.local_addr(), "name" => &lc.name);
+                        listeners.push(Rc::new(l));
+                    }
+                    Err(e) => {
+                        error!(self.log, "reload failed; nothing changed: {}", e; "generation" => generation);
+                        return;
+                    }
+                },
+            }
+        }
+        if let Some(c) = &config.worker.credentials {
+            if let Err(e) = self.notify.set_owner(Some(c.uid)) {
+                error!(self.log, "reload failed; nothing changed: {}", e; "generation" => generation);
+                return;
+            }
+        }
+        self.next_generation += 1;
+        self.reload = Some(Reload {
+            generation,
+            config: Rc::clone(&config),
+            listeners: listeners.clone(),
+            failure: None,
+        });
+        for slot in 0..config.worker.count {
+            if let Err(reason) = self.spawn_worker(&config, &listeners, generation, slot) {
+                self.generation_failed(generation, slot, reason, vec![]);
+                break;
+            }
+        }
+    }
+
+    fn commit_reload(&mut self) {
+        let Some(r) = self.reload.take() else { return };
+        let old = self.generation;
+        let now = Instant::now();
+        for i in 0..self.workers.len() {
+            if self.workers[i].generation != r.generation {
+                self.feed(i, Event::Stop(now));
+            }
+        }
+        // Kept listeners take the new file mode, owner and backlog in place.
+        for (lc, l) in r.config.listen.iter().zip(&r.listeners) {
+            if let Err(e) = l.update(lc) {
+                warn!(self.log, "could not apply listener settings: {}", e);
+            }
+        }
+        self.config = r.config;
+        self.listeners = r.listeners;
+        self.generation = r.generation;
+        self.slots = vec![Slot::default(); self.config.worker.count];
+        info!(self.log, "reload complete"; "old_generation" => old, "workers" => self.config.worker.count, "generation" => self.generation);
+        self.limit_draining();
+    }
+
+    /// Keep at most `max_draining` old generations stopping; kill the oldest beyond that.
+    fn limit_draining(&mut self) {
+        let mut draining: Vec<u64> = self
+            .workers
+            .iter()
+            .filter(|w| w.generation != self.generation && matches!(w.state, State::Stopping { .. }))
+            .map(|w| w.generation)
+            .collect();
+        draining.sort_unstable();
+        draining.dedup();
+        let max = self.config.master.max_draining;
+        if draining.len() <= max {
+            return;
+        }
+        for &generation in &draining[..draining.len() - max] {
+            warn!(self.log, "too many generations draining: killing the oldest"; "max_draining" => max, "generation" => generation);
+            for i in 0..self.workers.len() {
+                if self.workers[i].generation == generation {
+                    self.feed(i, Event::Kill);
+                }
+            }
+        }
+    }
+
+    fn fail_reload(&mut self) {
+        let Some(mut r) = self.reload.take() else { return };
+        for i in 0..self.workers.len() {
+            if self.workers[i].generation == r.generation {
+                self.feed(i, Event::Kill);
+            }
+        }
+        if let Some(f) = r.failure.take() {
+            self.log_failure("reload failed", r.generation, &f);
+        }
+        info!(self.log, "still serving"; "generation" => self.generation);
+    }
+
+    fn begin_stop(&mut self) {
+        self.phase = Phase::Stopping;
+        self.reload = None;
+        self.reload_again = false;
+        for s in &mut self.slots {
+            s.restart_at = None;
+        }
+        let now = Instant::now();
+        for i in 0..self.workers.len() {
+            self.feed(i, Event::Stop(now));
+        }
+    }
+}
+
+/// `zdd start --foreground`: load the config, run the master, return the exit code.
+pub fn run_foreground(config_path: &Path) -> Result<i32, StartError> {
+    let config = config::load(config_path)?;
+    let (log, sink) = crate::log::build(&config.master.log, config.master.log_format)
+        .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;
+    let master = Master::start(config, log, sink)?;
+    Ok(master.run())
+}

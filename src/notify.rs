@@ -1,0 +1,211 @@
+//! The sd_notify protocol: the master's own NOTIFY_SOCKET, which its workers write to.
+//!
+//! One unix datagram socket, with SO_PASSCRED, so that every message arrives with the sender's
+//! pid (SCM_CREDENTIALS) and the master can attribute it to a worker: the worker itself, or any
+//! process in the worker's process group (so `systemd-notify --ready` run by a shell worker
+//! counts). `systemd-notify` waits for a BARRIER=1 acknowledgement: it passes a pipe fd, and
+//! the receiver answers by closing it. Received fds are held until the whole batch has been
+//! handled, so the sender is still alive (and its process group known) while we attribute it.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    bind, recvmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+use nix::unistd::Pid;
+
+use crate::errno::describe;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("notify socket {path}: {op}: {}", describe(*errno))]
+    Sys {
+        path: String,
+        op: &'static str,
+        errno: Errno,
+    },
+    #[error("notify socket {0} exists and is not a socket; refusing to remove it")]
+    NotASocket(String),
+}
+
+/// One datagram: its sender and its `KEY=VALUE` assignments.
+#[derive(Debug)]
+pub struct Message {
+    pub pid: Pid,
+    pub fields: Vec<(String, String)>,
+    /// Fds passed along (BARRIER=1): closing them acknowledges the message.
+    pub _fds: Vec<OwnedFd>,
+}
+
+impl Message {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Split a notify datagram into assignments; lines without `=` are ignored, as sd_notify does.
+pub fn parse(payload: &[u8]) -> Vec<(String, String)> {
+    String::from_utf8_lossy(payload)
+        .split('\n')
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub struct NotifyServer {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl NotifyServer {
+    /// Bind the socket at `path`. The pid-file lock is held, so a socket file there belongs to
+    /// a previous master of this config and is replaced; anything else is refused.
+    pub fn bind(path: &Path, owner: Option<nix::unistd::Uid>) -> Result<NotifyServer, NotifyError> {
+        let sys = |op: &'static str| {
+            move |errno: Errno| NotifyError::Sys {
+                path: path.display().to_string(),
+                op,
+                errno,
+            }
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                std::fs::remove_file(path).map_err(|e| sys("unlink")(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?
+            }
+            Ok(_) => return Err(NotifyError::NotASocket(path.display().to_string())),
+            Err(_) => {}
+        }
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(sys("socket"))?;
+        setsockopt(&fd, sockopt::PassCred, &true).map_err(sys("setsockopt SO_PASSCRED"))?;
+        // Let big bursts of status messages queue rather than be dropped by senders.
+        let _ = setsockopt(&fd, sockopt::RcvBuf, &(1 << 20));
+        let addr = UnixAddr::new(path).map_err(sys("address"))?;
+        bind(fd.as_raw_fd(), &addr).map_err(sys("bind"))?;
+        let server = NotifyServer {
+            fd,
+            path: path.to_path_buf(),
+        };
+        // Workers may run as another user; only they (and root) may write to it.
+        nix::sys::stat::fchmodat(
+            None,
+            path,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+        )
+        .map_err(sys("chmod"))?;
+        server.set_owner(owner)?;
+        Ok(server)
+    }
+
+    /// Give the socket file to the workers' user, so that they can write to it.
+    pub fn set_owner(&self, owner: Option<nix::unistd::Uid>) -> Result<(), NotifyError> {
+        let uid = owner.unwrap_or_else(nix::unistd::Uid::effective);
+        nix::unistd::fchownat(None, self.path.as_path(), Some(uid), None, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(
+            |errno| NotifyError::Sys {
+                path: self.path.display().to_string(),
+                op: "chown",
+                errno,
+            },
+        )
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Read every queued datagram.
+    pub fn receive(&self) -> Vec<Message> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [RawFd; 16]);
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let msg = match recvmsg::<()>(
+                self.fd.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => m,
+                Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            };
+            let len = msg.bytes;
+            let mut pid = None;
+            let mut fds = Vec::new();
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    match c {
+                        ControlMessageOwned::ScmCredentials(cred) => pid = Some(Pid::from_raw(cred.pid())),
+                        ControlMessageOwned::ScmRights(rights) => {
+                            // SAFETY: the kernel just installed these fds in our table for us.
+                            fds.extend(rights.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            if let Some(pid) = pid {
+                out.push(Message {
+                    pid,
+                    fields: parse(&buf[..len]),
+                    _fds: fds,
+                });
+            }
+        }
+        out
+    }
+}
+
+impl Drop for NotifyServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_assignments() {
+        let f = parse(b"READY=1\nSTATUS=serving 3 requests\ngarbage\nMAINPID=42\n");
+        assert_eq!(
+            f,
+            vec![
+                ("READY".into(), "1".into()),
+                ("STATUS".into(), "serving 3 requests".into()),
+                ("MAINPID".into(), "42".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn receives_with_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sock");
+        let server = NotifyServer::bind(&path, None).unwrap();
+        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        client.send_to(b"READY=1\nSTATUS=hi", &path).unwrap();
+        let msgs = server.receive();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].pid, nix::unistd::getpid());
+        assert_eq!(msgs[0].get("READY"), Some("1"));
+        assert_eq!(msgs[0].get("STATUS"), Some("hi"));
+        drop(server);
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,499 @@
+//! Starting a worker: fork and exec with exactly the environment of spec §3.
+//!
+//! Theory of operation. Everything that allocates happens in the master before `fork`: the
+//! program path (resolved against PATH), argv, the environment (including a fixed-size
+//! `LISTEN_PID=` slot), the supplementary group list. Between fork and exec the child makes
+//! only async-signal-safe system calls, in this order:
+//!
+//! 1. reset every signal disposition to the default, then unblock all signals (the master
+//!    blocks them around fork so that no handler of the master runs in the child);
+//! 2. `setpgid(0, 0)`: its own process group, so stop and kill reach its children too;
+//! 3. lay out the fds: every source (stdin, the two log pipes, the listeners, the error pipe)
+//!    is first moved above the target range 0..3+n, then `dup2`ed into place (which clears
+//!    close-on-exec on the copy), and everything from 3+n up is marked close-on-exec;
+//! 4. write its own pid into `LISTEN_PID`;
+//! 5. drop privileges: setgroups, setgid, setuid — then PR_SET_PDEATHSIG (a credential change
+//!    clears it), and a check that the master did not die meanwhile;
+//! 6. rlimits, umask, cwd, and exec.
+//!
+//! A step that fails writes (step, errno) to a close-on-exec pipe and exits 127; the master
+//! reads that pipe until EOF (exec closes it), so exec errors are reported precisely and
+//! synchronously: `exec /no/such/server: no such file or directory (ENOENT)`.
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::libc::{self, c_char, c_int};
+use nix::unistd::{pipe2, Pid};
+
+use crate::config::{Compat, ListenAddr, WorkerConfig};
+use crate::errno::describe;
+use crate::listen::Listener;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("worker command {0:?}: not found in PATH")]
+    NotFound(String),
+    #[error("{op}: {}", describe(*errno))]
+    Master { op: &'static str, errno: Errno },
+    #[error("{step} {object}: {}", describe(*errno))]
+    Child {
+        step: &'static str,
+        object: String,
+        errno: Errno,
+    },
+}
+
+/// The ends of a started worker the master keeps.
+pub struct Spawned {
+    pub pid: Pid,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// What a worker of one generation needs, computed once per spawn in the master.
+pub struct SpawnSpec<'a> {
+    pub worker: &'a WorkerConfig,
+    pub names: Vec<&'a str>,
+    pub listeners: &'a [std::rc::Rc<Listener>],
+    pub notify_socket: &'a Path,
+    pub generation: u64,
+    pub rlimits: &'a [crate::config::Rlimit],
+}
+
+// Steps reported through the error pipe.
+const STEP_PGID: u8 = 1;
+const STEP_FDS: u8 = 2;
+const STEP_GROUPS: u8 = 3;
+const STEP_SETGID: u8 = 4;
+const STEP_SETUID: u8 = 5;
+const STEP_PDEATHSIG: u8 = 6;
+const STEP_RLIMIT: u8 = 7;
+const STEP_CHDIR: u8 = 8;
+const STEP_EXEC: u8 = 9;
+
+/// Variables a worker never inherits from the master's own environment.
+fn inherited_is_removed(key: &OsStr) -> bool {
+    let k = key.as_bytes();
+    k.starts_with(b"LISTEN_") || k == b"NOTIFY_SOCKET" || k.starts_with(b"WATCHDOG_")
+}
+
+/// Resolve the program like execvp would, but in the master, before fork.
+fn resolve_program(program: &str, path_var: Option<&OsStr>) -> Result<PathBuf, SpawnError> {
+    if program.contains('/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path_var = path_var.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    for dir in std::env::split_paths(path_var) {
+        let candidate = dir.join(program);
+        if nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).is_ok() && candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(SpawnError::NotFound(program.to_string()))
+}
+
+fn cstring(b: &[u8]) -> CString {
+    // Config validation rejects NUL bytes; the environment cannot contain them.
+    CString::new(b).unwrap_or_default()
+}
+
+/// Build the worker's environment: the master's, minus the variables of `inherited_is_removed`,
+/// plus the configured ones, plus zdd's own. Returns the entries and the index of the
+/// `LISTEN_PID=` slot, whose digits the child fills in.
+fn build_env(spec: &SpawnSpec<'_>) -> (Vec<Vec<u8>>, Option<usize>) {
+    let mut env: Vec<Vec<u8>> = Vec::new();
+    let configured: Vec<&str> = spec.worker.env.iter().map(|(k, _)| k.as_str()).collect();
+    for (k, v) in std::env::vars_os() {
+        if inherited_is_removed(&k) || configured.iter().any(|c| c.as_bytes() == k.as_bytes()) {
+            continue;
+        }
+        let mut e = k.as_bytes().to_vec();
+        e.push(b'=');
+        e.extend_from_slice(v.as_bytes());
+        env.push(e);
+    }
+    for (k, v) in &spec.worker.env {
+        if inherited_is_removed(OsStr::new(k)) {
+            continue;
+        }
+        env.push(format!("{k}={v}").into_bytes());
+    }
+    env.push(format!("ZDD_GENERATION={}", spec.generation).into_bytes());
+    let mut notify = b"NOTIFY_SOCKET=".to_vec();
+    notify.extend_from_slice(spec.notify_socket.as_os_str().as_bytes());
+    env.push(notify);
+    let n = spec.listeners.len();
+    let mut pid_slot = None;
+    if n > 0 {
+        env.push(format!("LISTEN_FDS={n}").into_bytes());
+        env.push(format!("LISTEN_FDNAMES={}", spec.names.join(":")).into_bytes());
+        let mut slot = b"LISTEN_PID=".to_vec();
+        slot.extend_from_slice(&[0u8; 24]);
+        pid_slot = Some(env.len());
+        env.push(slot);
+    }
+    for compat in &spec.worker.compat {
+        match compat {
+            Compat::Einhorn => {
+                env.push(format!("EINHORN_FD_COUNT={n}").into_bytes());
+                for i in 0..n {
+                    env.push(format!("EINHORN_FD_{i}={}", 3 + i).into_bytes());
+                }
+            }
+            Compat::ServerStarter if n > 0 => {
+                let ports: Vec<String> = spec
+                    .listeners
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| match l.addr() {
+                        ListenAddr::Tcp(a) if a.ip().is_unspecified() && a.is_ipv4() => format!("{}={}", a.port(), 3 + i),
+                        ListenAddr::Tcp(a) => format!("{a}={}", 3 + i),
+                        other => format!("{other}={}", 3 + i),
+                    })
+                    .collect();
+                env.push(format!("SERVER_STARTER_PORT={}", ports.join(";")).into_bytes());
+            }
+            Compat::ServerStarter => {}
+        }
+    }
+    (env, pid_slot)
+}
+
+/// Fork and exec one worker. Returns once exec succeeded, or with the step that failed.
+pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
+    let w = spec.worker;
+    let master_err = |op: &'static str| move |errno: Errno| SpawnError::Master { op, errno };
+
+    let path_var = w
+        .env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| OsStr::new(v.as_str()).to_os_string())
+        .or_else(|| std::env::var_os("PATH"));
+    let program = resolve_program(&w.command[0], path_var.as_deref())?;
+    let program_c = cstring(program.as_os_str().as_bytes());
+    let argv: Vec<CString> = w.command.iter().map(|a| cstring(a.as_bytes())).collect();
+    let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+
+    let (mut env, pid_slot) = build_env(spec);
+    for e in &mut env {
+        e.push(0);
+    }
+    let mut env_ptrs: Vec<*mut c_char> = env.iter_mut().map(|e| e.as_mut_ptr() as *mut c_char).collect();
+    env_ptrs.push(std::ptr::null_mut());
+    let pid_slot_ptr: *mut u8 = match pid_slot {
+        Some(i) => env_ptrs[i] as *mut u8,
+        None => std::ptr::null_mut(),
+    };
+
+    let cwd_c = w.cwd.as_ref().map(|c| cstring(c.as_os_str().as_bytes()));
+    let creds = w.credentials.as_ref();
+    let groups: Vec<libc::gid_t> = match creds {
+        Some(c) => match &c.user {
+            Some(name) => {
+                let cname = cstring(name.as_bytes());
+                nix::unistd::getgrouplist(&cname, c.gid)
+                    .map_err(master_err("getgrouplist"))?
+                    .into_iter()
+                    .map(|g| g.as_raw())
+                    .collect()
+            }
+            None => vec![c.gid.as_raw()],
+        },
+        None => Vec::new(),
+    };
+    let rlimits: Vec<(c_int, libc::rlimit)> = spec
+        .rlimits
+        .iter()
+        .map(|r| {
+            (
+                r.resource as c_int,
+                libc::rlimit {
+                    rlim_cur: r.soft,
+                    rlim_max: r.hard,
+                },
+            )
+        })
+        .collect();
+
+    let devnull = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(master_err("open /dev/null"))?;
+    // SAFETY: `open` just returned this fd and nothing else owns it.
+    let devnull = unsafe { OwnedFd::from_raw_fd(devnull) };
+    let (out_r, out_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(master_err("pipe"))?;
+    let (err_r, err_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(master_err("pipe"))?;
+    let (report_r, report_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(master_err("pipe"))?;
+
+    let listener_fds: Vec<RawFd> = spec.listeners.iter().map(|l| l.raw_fd()).collect();
+    let n = listener_fds.len() as c_int;
+    let mut sources: Vec<RawFd> = vec![devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    sources.extend_from_slice(&listener_fds);
+    let report_fd = report_w.as_raw_fd();
+    let master_pid = nix::unistd::getpid().as_raw();
+    let uid = creds.map(|c| c.uid.as_raw());
+    let gid = creds.map(|c| c.gid.as_raw());
+    let umask = w.umask;
+
+    // Block every signal around fork, so that no handler of the master runs in the child.
+    // SAFETY: sigset_t is plain data initialised by sigfillset before use.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to sigset_t values owned by this frame.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: the master is single-threaded; the child only runs `child_after_fork`, which makes
+    // async-signal-safe calls on data prepared above and then execs or _exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: see `child_after_fork`; we are in the child of fork.
+        unsafe {
+            child_after_fork(ChildPlan {
+                sources: &mut sources,
+                n,
+                report_fd,
+                pid_slot: pid_slot_ptr,
+                groups: &groups,
+                uid,
+                gid,
+                master_pid,
+                rlimits: &rlimits,
+                umask,
+                cwd: cwd_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+                program: program_c.as_ptr(),
+                argv: argv_ptrs.as_ptr(),
+                envp: env_ptrs.as_ptr() as *const *const c_char,
+            })
+        }
+    }
+    let fork_errno = Errno::last();
+    // SAFETY: restores the mask saved above.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+    }
+    if pid < 0 {
+        return Err(SpawnError::Master { op: "fork", errno: fork_errno });
+    }
+    let child = Pid::from_raw(pid);
+    // Also from the parent, so the group exists before we could signal it.
+    let _ = nix::unistd::setpgid(child, child);
+    drop(report_w);
+    drop(out_w);
+    drop(err_w);
+    drop(devnull);
+
+    let mut report = [0u8; 5];
+    let mut got = 0;
+    while got < report.len() {
+        match nix::unistd::read(report_r.as_raw_fd(), &mut report[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    if got == 0 {
+        return Ok(Spawned {
+            pid: child,
+            stdout: out_r,
+            stderr: err_r,
+        });
+    }
+    // The child failed before exec and exits at once; collect it here so the master's
+    // reaper never sees it.
+    loop {
+        match nix::sys::wait::waitpid(child, None) {
+            Err(Errno::EINTR) => continue,
+            _ => break,
+        }
+    }
+    let errno = Errno::from_raw(i32::from_ne_bytes([report[1], report[2], report[3], report[4]]));
+    let (step, object) = match report[0] {
+        STEP_PGID => ("setpgid", String::new()),
+        STEP_FDS => ("dup2", "listening sockets".into()),
+        STEP_GROUPS => ("setgroups", String::new()),
+        STEP_SETGID => ("setgid", gid.map(|g| g.to_string()).unwrap_or_default()),
+        STEP_SETUID => ("setuid", uid.map(|u| u.to_string()).unwrap_or_default()),
+        STEP_PDEATHSIG => ("prctl PR_SET_PDEATHSIG", String::new()),
+        STEP_RLIMIT => ("setrlimit", String::new()),
+        STEP_CHDIR => ("chdir", w.cwd.as_ref().map(|c| c.display().to_string()).unwrap_or_default()),
+        _ => ("exec", program.display().to_string()),
+    };
+    Err(SpawnError::Child { step, object, errno })
+}
+
+struct ChildPlan<'a> {
+    sources: &'a mut [RawFd],
+    n: c_int,
+    report_fd: RawFd,
+    pid_slot: *mut u8,
+    groups: &'a [libc::gid_t],
+    uid: Option<libc::uid_t>,
+    gid: Option<libc::gid_t>,
+    master_pid: libc::pid_t,
+    rlimits: &'a [(c_int, libc::rlimit)],
+    umask: Option<u32>,
+    cwd: *const c_char,
+    program: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+}
+
+/// Report a failed step to the master and exit.
+///
+/// # Safety
+/// Only async-signal-safe calls: errno read, write, _exit.
+unsafe fn fail(report_fd: RawFd, step: u8) -> ! {
+    let errno = Errno::last_raw().to_ne_bytes();
+    let msg = [step, errno[0], errno[1], errno[2], errno[3]];
+    libc::write(report_fd, msg.as_ptr() as *const libc::c_void, msg.len());
+    libc::_exit(127)
+}
+
+/// The child between fork and exec.
+///
+/// # Safety
+/// Must be called only in the child of `fork`, with every pointer in `plan` valid. It makes
+/// only async-signal-safe system calls and never returns.
+unsafe fn child_after_fork(plan: ChildPlan<'_>) -> ! {
+    // 1. Signals: default dispositions first, then an empty mask. The raw system call, since
+    //    glibc's wrapper refuses to touch its two internal real-time signals, which may still
+    //    arrive ignored from whoever started the master. An all-zero kernel sigaction is
+    //    SIG_DFL with no flags and an empty mask, whatever the architecture's field order.
+    let dfl = [0u64; 4];
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            libc::syscall(libc::SYS_rt_sigaction, sig, dfl.as_ptr(), std::ptr::null_mut::<u64>(), 8usize);
+        }
+    }
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+    // 2. Own process group.
+    if libc::setpgid(0, 0) != 0 {
+        fail(plan.report_fd, STEP_PGID);
+    }
+
+    // 3. Fds. Move every source, and the report pipe, above the target range first.
+    let first_free = 3 + plan.n;
+    let report_fd = libc::fcntl(plan.report_fd, libc::F_DUPFD_CLOEXEC, first_free);
+    if report_fd < 0 {
+        fail(plan.report_fd, STEP_FDS);
+    }
+    for fd in plan.sources.iter_mut() {
+        let moved = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, first_free);
+        if moved < 0 {
+            fail(report_fd, STEP_FDS);
+        }
+        *fd = moved;
+    }
+    for (target, fd) in plan.sources.iter().enumerate() {
+        // target != fd always (sources sit above the range), so dup2 clears close-on-exec.
+        if libc::dup2(*fd, target as c_int) < 0 {
+            fail(report_fd, STEP_FDS);
+        }
+    }
+    // Everything from 3+n up closes at exec, including fds the master inherited itself.
+    if libc::syscall(libc::SYS_close_range, first_free as libc::c_uint, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+        let mut fd = first_free;
+        while fd < 65536 {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            fd += 1;
+        }
+    }
+
+    // 4. LISTEN_PID: "LISTEN_PID=" is 11 bytes; the digits follow, then NUL.
+    if !plan.pid_slot.is_null() {
+        let mut pid = libc::getpid() as u64;
+        let mut digits = [0u8; 20];
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (pid % 10) as u8;
+            len += 1;
+            pid /= 10;
+            if pid == 0 {
+                break;
+            }
+        }
+        let dst = plan.pid_slot.add(11);
+        for i in 0..len {
+            *dst.add(i) = digits[len - 1 - i];
+        }
+        *dst.add(len) = 0;
+    }
+
+    // 5. Credentials, then the parent-death signal (a credential change clears it).
+    if let Some(gid) = plan.gid {
+        if libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) != 0 {
+            fail(report_fd, STEP_GROUPS);
+        }
+        if libc::setgid(gid) != 0 {
+            fail(report_fd, STEP_SETGID);
+        }
+    }
+    if let Some(uid) = plan.uid {
+        if libc::setuid(uid) != 0 {
+            fail(report_fd, STEP_SETUID);
+        }
+        // Irreversible: if we could become root again, the drop did not happen.
+        if uid != 0 && libc::setuid(0) == 0 {
+            *libc::__errno_location() = libc::EPERM;
+            fail(report_fd, STEP_SETUID);
+        }
+    }
+    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
+        fail(report_fd, STEP_PDEATHSIG);
+    }
+    if libc::getppid() != plan.master_pid {
+        // The master died between fork and prctl.
+        libc::_exit(127);
+    }
+
+    // 6. Limits, umask, cwd, exec.
+    for (resource, lim) in plan.rlimits {
+        if libc::setrlimit(*resource as _, lim) != 0 {
+            fail(report_fd, STEP_RLIMIT);
+        }
+    }
+    if let Some(mask) = plan.umask {
+        libc::umask(mask as libc::mode_t);
+    }
+    if !plan.cwd.is_null() && libc::chdir(plan.cwd) != 0 {
+        fail(report_fd, STEP_CHDIR);
+    }
+    libc::execve(plan.program, plan.argv, plan.envp);
+    fail(report_fd, STEP_EXEC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removes_inherited_systemd_variables() {
+        for k in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+            assert!(inherited_is_removed(OsStr::new(k)), "{k}");
+        }
+        for k in ["PATH", "HOME", "LISTENER", "NOTIFY"] {
+            assert!(!inherited_is_removed(OsStr::new(k)), "{k}");
+        }
+    }
+
+    #[test]
+    fn resolves_program_in_path() {
+        assert_eq!(resolve_program("sh", Some(OsStr::new("/nonexistent:/bin"))).unwrap(), PathBuf::from("/bin/sh"));
+        assert!(matches!(resolve_program("no-such-program-zdd", Some(OsStr::new("/bin"))), Err(SpawnError::NotFound(_))));
+        assert_eq!(resolve_program("./x", None).unwrap(), PathBuf::from("./x"));
+    }
+}

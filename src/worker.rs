@@ -1,0 +1,289 @@
+//! A worker and its state machine.
+//!
+//! Every worker is `Starting → Ready → Stopping → Exited`, with `Killed` for one that was sent
+//! SIGKILL. The deadline of each state is data inside the state, and one exhaustive `match` on
+//! (state, event) in [`transition`] is the only place states change: start, reload, crash
+//! restart and stop are all expressed as events fed to it. [`transition`] is pure (it returns
+//! the effects to carry out), so it is unit-tested with synthetic events and clocks.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use crate::listen::Listener;
+use crate::relay::Pipe;
+
+/// How many of a worker's last log lines are kept for failure reports.
+pub const TAIL_LINES: usize = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    pub fn from_wait(ws: WaitStatus) -> Option<(Pid, ExitStatus)> {
+        match ws {
+            WaitStatus::Exited(pid, code) => Some((pid, ExitStatus::Code(code))),
+            WaitStatus::Signaled(pid, sig, _) => Some((pid, ExitStatus::Signal(sig as i32))),
+            _ => None,
+        }
+    }
+
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exited with status {c}"),
+            ExitStatus::Signal(s) => match Signal::try_from(*s) {
+                Ok(sig) => write!(f, "killed by signal {}", sig.as_str()),
+                Err(_) => write!(f, "killed by signal {s}"),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Started, not ready yet. `ready_at` is set for `ready = "delay"`.
+    Starting { deadline: Instant, ready_at: Option<Instant> },
+    Ready,
+    /// Sent its stop signal; SIGKILL to its process group at `kill_at`.
+    Stopping { kill_at: Instant },
+    /// Sent SIGKILL; waiting to be reaped.
+    Killed,
+    Exited(ExitStatus),
+}
+
+impl State {
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Starting { .. } => "starting",
+            State::Ready => "ready",
+            State::Stopping { .. } => "stopping",
+            State::Killed => "killed",
+            State::Exited(_) => "exited",
+        }
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        match *self {
+            State::Starting { deadline, ready_at } => Some(ready_at.map_or(deadline, |r| r.min(deadline))),
+            State::Stopping { kill_at } => Some(kill_at),
+            _ => None,
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        !matches!(self, State::Exited(_))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// READY=1 arrived from the worker or its process group.
+    Ready,
+    /// Time passed; deadlines up to `now` are due.
+    Tick(Instant),
+    /// Stop gracefully (reload committed, or master stopping).
+    Stop(Instant),
+    /// Stop now.
+    Kill,
+    /// Reaped.
+    Exited(ExitStatus),
+}
+
+/// What the master must do or learn after a transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    SendStopSignal,
+    KillGroup,
+    BecameReady,
+    StartTimedOut,
+    /// The worker is gone; `expected` when zdd itself had asked it to go.
+    Gone { status: ExitStatus, expected: bool },
+}
+
+/// The state machine: the one place a worker's state changes.
+pub fn transition(state: State, event: Event, stop_timeout: Duration) -> (State, Vec<Effect>) {
+    use Event as E;
+    use State as S;
+    match (state, event) {
+        (S::Exited(_), _) => (state, vec![]),
+        (S::Starting { .. }, E::Ready) => (S::Ready, vec![Effect::BecameReady]),
+        (S::Ready | S::Stopping { .. } | S::Killed, E::Ready) => (state, vec![]),
+        (S::Starting { ready_at: Some(at), deadline }, E::Tick(now)) if now >= at && at < deadline => {
+            (S::Ready, vec![Effect::BecameReady])
+        }
+        (S::Starting { deadline, .. }, E::Tick(now)) if now >= deadline => {
+            (S::Killed, vec![Effect::KillGroup, Effect::StartTimedOut])
+        }
+        (S::Stopping { kill_at }, E::Tick(now)) if now >= kill_at => (S::Killed, vec![Effect::KillGroup]),
+        (_, E::Tick(_)) => (state, vec![]),
+        (S::Starting { .. } | S::Ready, E::Stop(now)) => (
+            S::Stopping {
+                kill_at: now + stop_timeout,
+            },
+            vec![Effect::SendStopSignal],
+        ),
+        (S::Stopping { .. } | S::Killed, E::Stop(_)) => (state, vec![]),
+        (S::Killed, E::Kill) => (state, vec![]),
+        (_, E::Kill) => (S::Killed, vec![Effect::KillGroup]),
+        (prev, E::Exited(status)) => {
+            let expected = matches!(prev, S::Stopping { .. } | S::Killed);
+            (S::Exited(status), vec![Effect::Gone { status, expected }])
+        }
+    }
+}
+
+/// A started worker process.
+pub struct Worker {
+    pub pid: Pid,
+    pub generation: u64,
+    pub slot: usize,
+    pub state: State,
+    pub started: Instant,
+    pub started_wall: std::time::SystemTime,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    pub pipes: Vec<Pipe>,
+    pub tail: VecDeque<String>,
+    pub status_text: Option<String>,
+    /// The sockets it received; holding them keeps them open while it runs.
+    pub _listeners: Vec<Rc<Listener>>,
+}
+
+impl Worker {
+    /// Feed an event through [`transition`], carry out the signals, and return the effects
+    /// that the master must act on.
+    pub fn handle(&mut self, event: Event) -> Vec<Effect> {
+        let (next, effects) = transition(self.state, event, self.stop_timeout);
+        self.state = next;
+        effects
+            .into_iter()
+            .filter(|e| match e {
+                Effect::SendStopSignal => {
+                    // The whole group, as systemd's KillMode=control-group does, so that
+                    // wrappers' children hear it too.
+                    if killpg(self.pid, self.stop_signal).is_err() {
+                        let _ = kill(self.pid, self.stop_signal);
+                    }
+                    false
+                }
+                Effect::KillGroup => {
+                    if killpg(self.pid, Signal::SIGKILL).is_err() {
+                        let _ = kill(self.pid, Signal::SIGKILL);
+                    }
+                    false
+                }
+                _ => true,
+            })
+            .collect()
+    }
+
+    pub fn remember(&mut self, line: &str) {
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STOP: Duration = Duration::from_secs(5);
+
+    fn starting(now: Instant, ready_at: Option<Instant>) -> State {
+        State::Starting {
+            deadline: now + Duration::from_secs(10),
+            ready_at,
+        }
+    }
+
+    #[test]
+    fn ready_message_makes_a_starting_worker_ready() {
+        let now = Instant::now();
+        assert_eq!(transition(starting(now, None), Event::Ready, STOP), (State::Ready, vec![Effect::BecameReady]));
+        assert_eq!(transition(State::Ready, Event::Ready, STOP), (State::Ready, vec![]));
+    }
+
+    #[test]
+    fn delay_readiness_fires_at_its_time() {
+        let now = Instant::now();
+        let s = starting(now, Some(now + Duration::from_secs(1)));
+        assert_eq!(transition(s, Event::Tick(now), STOP).0, s);
+        assert_eq!(transition(s, Event::Tick(now + Duration::from_secs(1)), STOP), (State::Ready, vec![Effect::BecameReady]));
+    }
+
+    #[test]
+    fn start_timeout_kills() {
+        let now = Instant::now();
+        let (s, e) = transition(starting(now, None), Event::Tick(now + Duration::from_secs(10)), STOP);
+        assert_eq!(s, State::Killed);
+        assert_eq!(e, vec![Effect::KillGroup, Effect::StartTimedOut]);
+        let (_, e) = transition(s, Event::Exited(ExitStatus::Signal(9)), STOP);
+        assert_eq!(
+            e,
+            vec![Effect::Gone {
+                status: ExitStatus::Signal(9),
+                expected: true
+            }]
+        );
+    }
+
+    #[test]
+    fn stop_then_kill_after_timeout() {
+        let now = Instant::now();
+        let (s, e) = transition(State::Ready, Event::Stop(now), STOP);
+        assert_eq!(s, State::Stopping { kill_at: now + STOP });
+        assert_eq!(e, vec![Effect::SendStopSignal]);
+        assert_eq!(transition(s, Event::Stop(now), STOP), (s, vec![]));
+        assert_eq!(transition(s, Event::Tick(now + Duration::from_secs(1)), STOP), (s, vec![]));
+        assert_eq!(transition(s, Event::Tick(now + STOP), STOP), (State::Killed, vec![Effect::KillGroup]));
+    }
+
+    #[test]
+    fn unrequested_exit_is_unexpected() {
+        let (s, e) = transition(State::Ready, Event::Exited(ExitStatus::Code(3)), STOP);
+        assert_eq!(s, State::Exited(ExitStatus::Code(3)));
+        assert_eq!(
+            e,
+            vec![Effect::Gone {
+                status: ExitStatus::Code(3),
+                expected: false
+            }]
+        );
+    }
+
+    #[test]
+    fn exited_is_final() {
+        let s = State::Exited(ExitStatus::Code(0));
+        for ev in [Event::Ready, Event::Kill, Event::Stop(Instant::now()), Event::Tick(Instant::now())] {
+            assert_eq!(transition(s, ev, STOP), (s, vec![]));
+        }
+    }
+
+    #[test]
+    fn kill_is_idempotent() {
+        assert_eq!(transition(State::Ready, Event::Kill, STOP), (State::Killed, vec![Effect::KillGroup]));
+        assert_eq!(transition(State::Killed, Event::Kill, STOP), (State::Killed, vec![]));
+    }
+
+    #[test]
+    fn status_reads_well() {
+        assert_eq!(ExitStatus::Code(3).to_string(), "exited with status 3");
+        assert_eq!(ExitStatus::Signal(9).to_string(), "killed by signal SIGKILL");
+    }
+}

@@ -1,0 +1,316 @@
+//! Test harness: runs the real `zdd` binary in its own temp dir, with the fixture worker, and
+//! waits on events (log lines, files, pid changes) with generous deadlines, never bare sleeps.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Generous, for a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn zdd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_zdd"))
+}
+
+/// The fixture worker, built as an example next to the binary.
+pub fn fixture() -> PathBuf {
+    let p = zdd_bin().parent().unwrap().join("examples/fixture_worker");
+    assert!(p.exists(), "{} missing: build with `cargo build --examples` (cargo test does)", p.display());
+    p
+}
+
+pub fn listenfd_server() -> PathBuf {
+    zdd_bin().parent().unwrap().join("examples/listenfd_server")
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Poll `f` until it returns Some, or panic with `what` after the deadline.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+pub fn toml_list(args: &[&str]) -> String {
+    let quoted: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+pub struct Zdd {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub status: Option<ExitStatus>,
+}
+
+impl Zdd {
+    /// A temp dir with `app.toml` written from `body`, where `{dir}` is replaced by the temp dir
+    /// and `{fixture}` by the fixture worker's path. Not started yet.
+    pub fn new(body: &str) -> Zdd {
+        let dir = tempfile::Builder::new().prefix("zdd-test-").tempdir().unwrap();
+        let config = dir.path().join("app.toml");
+        let z = Zdd {
+            config,
+            log: dir.path().join("zdd.log"),
+            dir,
+            child: None,
+            status: None,
+        };
+        z.write_config(body);
+        std::fs::create_dir_all(z.reports()).unwrap();
+        z
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn reports(&self) -> PathBuf {
+        self.path("reports")
+    }
+
+    pub fn write_config(&self, body: &str) {
+        let text = body
+            .replace("{dir}", self.dir.path().to_str().unwrap())
+            .replace("{fixture}", fixture().to_str().unwrap());
+        let header = if text.contains("[master]") {
+            String::new()
+        } else {
+            "[master]\nlog_format = \"json\"\ncontrol_socket = \"run/app.sock\"\n\n".to_string()
+        };
+        // Write-then-rename, so a reload never reads a half-written file.
+        let tmp = self.path("app.toml.tmp");
+        std::fs::write(&tmp, format!("{header}{text}")).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(zdd_bin());
+        c.args(args)
+            .arg("-c")
+            .arg(&self.config)
+            .env("FIXTURE_REPORT_DIR", self.reports())
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES");
+        c
+    }
+
+    /// Start `zdd start --foreground`, log to `zdd.log`.
+    pub fn start(&mut self) -> &mut Self {
+        self.start_with_env(&[])
+    }
+
+    /// Start with extra environment variables for the master.
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) -> &mut Self {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let mut cmd = self.command(&["start", "--foreground"]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self
+    }
+
+    pub fn spawn(body: &str) -> Zdd {
+        let mut z = Zdd::new(body);
+        z.start();
+        z
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Every JSON record of the master's log (non-JSON lines are skipped).
+    pub fn records(&self) -> Vec<Value> {
+        self.log_text().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    pub fn records_with(&self, msg: &str) -> Vec<Value> {
+        self.records().into_iter().filter(|r| r["msg"] == msg).collect()
+    }
+
+    /// Wait until the log holds at least `n` records with this message.
+    pub fn wait_msg_n(&mut self, msg: &str, n: usize) -> Vec<Value> {
+        let what = format!("{n} log record(s) {msg:?}");
+        let deadline = DEADLINE;
+        let end = Instant::now() + deadline;
+        loop {
+            let found = self.records_with(msg);
+            if found.len() >= n {
+                return found;
+            }
+            if self.exited().is_some() {
+                panic!("zdd exited while waiting for {what}; log:\n{}", self.log_text());
+            }
+            if Instant::now() > end {
+                panic!("timed out waiting for {what}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn wait_msg(&mut self, msg: &str) -> Value {
+        self.wait_msg_n(msg, 1).remove(0)
+    }
+
+    /// Wait for a record whose message contains `needle`.
+    pub fn wait_msg_containing(&mut self, needle: &str) -> Value {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(r) = self.records().into_iter().find(|r| r["msg"].as_str().is_some_and(|m| m.contains(needle))) {
+                return r;
+            }
+            if Instant::now() > end {
+                panic!("timed out waiting for a log message containing {needle:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn wait_ready(&mut self) -> Value {
+        self.wait_msg("ready")
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Send SIGHUP and wait for the `n`th "reload complete".
+    pub fn reload(&mut self, n: usize) -> Value {
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+        self.wait_msg_n("reload complete", n).remove(n - 1)
+    }
+
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Some(c) = self.child.as_mut() {
+                self.status = c.try_wait().unwrap();
+            }
+        }
+        self.status
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = self.exited() {
+                return s;
+            }
+            if Instant::now() > end {
+                panic!("zdd did not exit; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Graceful stop through SIGTERM; asserts exit 0 and that nothing is left behind.
+    pub fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let st = self.wait_exit();
+        assert_eq!(st.code(), Some(0), "zdd exit status; log:\n{}", self.log_text());
+        self.assert_clean();
+    }
+
+    /// Worker pids that zdd logged as started.
+    pub fn started_pids(&self) -> Vec<i32> {
+        self.records_with("worker started").iter().map(|r| r["pid"].as_i64().unwrap() as i32).collect()
+    }
+
+    /// No runtime files (pid file, sockets) left in `run/`, and no worker alive.
+    pub fn assert_clean(&self) {
+        let run = self.path("run");
+        if run.exists() {
+            let left: Vec<_> = std::fs::read_dir(&run).unwrap().flatten().map(|e| e.file_name()).collect();
+            assert!(left.is_empty(), "left behind in run/: {left:?}");
+        }
+        for pid in self.started_pids() {
+            wait_for(&format!("worker {pid} to be gone"), DEADLINE, || (!alive(pid)).then_some(()));
+        }
+    }
+
+    /// The fixture's report for `pid`.
+    pub fn report(&self, pid: i32) -> Value {
+        let p = self.reports().join(format!("report-{pid}.json"));
+        let text = wait_for(&format!("report of {pid}"), DEADLINE, || std::fs::read_to_string(&p).ok());
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+impl Drop for Zdd {
+    fn drop(&mut self) {
+        if self.exited().is_none() {
+            let pids = self.started_pids();
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+                for pid in pids {
+                    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Connect, read the fixture's "<pid> <generation>" answer.
+pub fn ask(addr: SocketAddr) -> std::io::Result<(i32, u64)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let mut it = out.split_whitespace();
+    let pid = it.next().and_then(|p| p.parse().ok());
+    let gen = it.next().and_then(|g| g.parse().ok());
+    match (pid, gen) {
+        (Some(p), Some(g)) => Ok((p, g)),
+        _ => Err(std::io::Error::other(format!("bad answer {out:?}"))),
+    }
+}
+
+pub fn ask_unix(path: &Path) -> std::io::Result<(i32, u64)> {
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let mut it = out.split_whitespace();
+    Ok((it.next().unwrap().parse().unwrap(), it.next().unwrap().parse().unwrap()))
+}
