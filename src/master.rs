@@ -213,14 +213,8 @@ impl Master {
     /// Run until stopped; returns the process exit code.
     pub fn run(mut self) -> i32 {
         info!(self.log, "starting"; "workers" => self.config.worker.count, "generation" => 1, "pid" => std::process::id());
-        let (config, listeners) = (Rc::clone(&self.config), self.listeners.clone());
-        self.slots = vec![Slot::default(); config.worker.count];
-        for slot in 0..config.worker.count {
-            if let Err(reason) = self.spawn_worker(&config, &listeners, 1, slot) {
-                self.start_failure = Some(Failure { reason, tail: vec![] });
-                break;
-            }
-        }
+        self.slots = vec![Slot::default(); self.config.worker.count];
+        self.spawn_generation(Rc::clone(&self.config), self.listeners.clone(), 1);
         loop {
             self.advance();
             if self.phase == Phase::Stopping && self.workers.is_empty() {
@@ -674,6 +668,11 @@ impl Master {
             listeners: listeners.clone(),
             failure: None,
         });
+        self.spawn_generation(config, listeners, generation);
+    }
+
+    /// Start every worker of a generation; the first that cannot be started fails it.
+    fn spawn_generation(&mut self, config: Rc<Config>, listeners: Vec<Rc<Listener>>, generation: u64) {
         for slot in 0..config.worker.count {
             if let Err(reason) = self.spawn_worker(&config, &listeners, generation, slot) {
                 self.generation_failed(generation, slot, reason, vec![]);

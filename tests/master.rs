@@ -5,8 +5,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::*;
+use nix::sys::signal::Signal;
 
 fn tcp_config(port: u16, args: &[&str], worker_extra: &str) -> String {
     format!(
@@ -91,5 +93,257 @@ fn worker_signal_state_is_reset() {
     z.wait_ready();
     let sig = std::fs::read_to_string(z.path("sig")).unwrap();
     assert_eq!(sig, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n");
+    z.stop();
+}
+
+fn fixture_config(port: u16, args: &[&str], worker_extra: &str) -> String {
+    tcp_config(port, args, worker_extra)
+}
+
+/// Socket inode of fd `fd` in a fixture report.
+fn socket_of(report: &serde_json::Value, fd: u32) -> String {
+    report["fds"][fd.to_string()].as_str().unwrap().to_string()
+}
+
+#[test]
+fn reload_starts_new_generation_and_stops_old_only_after_ready() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready-after", "200", "--serve"], ""));
+    z.wait_ready();
+    let (old_pid, old_gen) = ask(addr(port)).unwrap();
+    assert_eq!(old_gen, 1);
+    let done = z.reload(1);
+    assert_eq!(done["generation"], 2);
+    let (new_pid, new_gen) = ask(addr(port)).unwrap();
+    assert_eq!(new_gen, 2);
+    assert_ne!(new_pid, old_pid);
+    let exited = z.wait_msg("worker exited");
+    assert_eq!(exited["pid"], old_pid);
+    assert_eq!(exited["status"], "exited with status 0");
+    // Order in the log: new worker ready, then reload complete, then old worker exits.
+    let msgs: Vec<String> = z.records().iter().map(|r| format!("{} {}", r["msg"].as_str().unwrap(), r["pid"])).collect();
+    let pos = |m: &str| msgs.iter().position(|x| x == m).unwrap_or_else(|| panic!("{m} not in {msgs:?}"));
+    assert!(pos(&format!("worker ready {new_pid}")) < pos(&format!("worker exited {old_pid}")), "{msgs:?}");
+    // Kept listener: the very same socket object in both generations.
+    assert_eq!(socket_of(&z.report(old_pid), 3), socket_of(&z.report(new_pid), 3));
+    z.stop();
+}
+
+#[test]
+fn reload_with_invalid_config_changes_nothing() {
+    let port = free_port();
+    let good = fixture_config(port, &["--ready", "--serve"], "");
+    let mut z = Zdd::spawn(&good);
+    z.wait_ready();
+    let before = ask(addr(port)).unwrap();
+    z.write_config(&good.replace("stop_timeout", "stop_timout"));
+    z.signal(Signal::SIGHUP);
+    let failed = z.wait_msg_containing("reload failed: invalid config");
+    let msg = failed["msg"].as_str().unwrap();
+    assert!(msg.contains("app.toml:") && msg.contains("unknown field `stop_timout`"), "{msg}");
+    assert_eq!(ask(addr(port)).unwrap(), before);
+    assert_eq!(z.started_pids().len(), 1);
+    // A good file afterwards reloads normally.
+    z.write_config(&good);
+    z.reload(1);
+    assert_eq!(ask(addr(port)).unwrap().1, 2, "an invalid config does not use up a generation");
+    z.stop();
+}
+
+#[test]
+fn reload_failure_keeps_old_generation_and_reports_status_and_last_lines() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--serve"], ""));
+    z.wait_ready();
+    let before = ask(addr(port)).unwrap();
+    z.write_config(&fixture_config(port, &["--stderr-lines", "3", "--exit", "3"], ""));
+    z.signal(Signal::SIGHUP);
+    let failed = z.wait_msg_containing("reload failed: ");
+    let msg = failed["msg"].as_str().unwrap();
+    assert!(msg.contains("exited with status 3 during start-up"), "{msg}");
+    z.wait_msg("still serving");
+    let tail: Vec<String> = z.records().iter().filter_map(|r| r["msg"].as_str().filter(|m| m.starts_with("  | ")).map(String::from)).collect();
+    assert_eq!(tail.last().map(String::as_str), Some("  | err line 3"), "{tail:?}");
+    assert_eq!(ask(addr(port)).unwrap(), before, "old generation must keep serving");
+    z.stop();
+}
+
+#[test]
+fn reload_failure_on_start_timeout_kills_new_worker() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--serve"], ""));
+    z.wait_ready();
+    let before = ask(addr(port)).unwrap();
+    z.write_config(&fixture_config(port, &["--serve"], "start_timeout = \"500ms\""));
+    z.signal(Signal::SIGHUP);
+    let failed = z.wait_msg_containing("reload failed: ");
+    assert!(failed["msg"].as_str().unwrap().contains("did not become ready within 500ms"), "{failed}");
+    let pids = z.started_pids();
+    let new_pid = pids[1];
+    wait_for("the unready worker to be killed", DEADLINE, || (!alive(new_pid)).then_some(()));
+    assert_eq!(ask(addr(port)).unwrap(), before);
+    z.stop();
+}
+
+#[test]
+fn reload_diffs_listeners_by_name() {
+    let (p1, p2) = (free_port(), free_port());
+    let one = format!(
+        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\", \"--serve\"]\n\n[[listen]]\nname = \"a\"\ntcp = \"127.0.0.1:{p1}\"\n\
+         [[listen]]\nname = \"sock\"\nunix = \"{{dir}}/s.sock\"\nmode = \"0600\"\n"
+    );
+    let two = format!(
+        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\", \"--serve\"]\n\n[[listen]]\nname = \"b\"\ntcp = \"127.0.0.1:{p2}\"\n\
+         [[listen]]\nname = \"sock\"\nunix = \"{{dir}}/s.sock\"\nmode = \"0666\"\n"
+    );
+    let mut z = Zdd::spawn(&one);
+    z.wait_ready();
+    let first = z.started_pids()[0];
+    let sock_before = socket_of(&z.report(first), 4);
+    z.write_config(&two);
+    z.reload(1);
+    let second = z.started_pids()[1];
+    let r = z.report(second);
+    assert_eq!(r["env"]["LISTEN_FDNAMES"], "b:sock");
+    assert_eq!(socket_of(&r, 4), sock_before, "unix listener kept by name must be the same socket");
+    assert_eq!(ask(addr(p2)).unwrap().0, second);
+    assert_eq!(ask_unix(&z.path("s.sock")).unwrap().0, second);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(z.path("s.sock")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o666, "mode change applies in place");
+    // The removed listener closes once the old worker is gone.
+    wait_for("old worker gone", DEADLINE, || (!alive(first)).then_some(()));
+    wait_for("listener a closed", DEADLINE, || std::net::TcpStream::connect(addr(p1)).is_err().then_some(()));
+    z.stop();
+    assert!(!z.path("s.sock").exists());
+}
+
+#[test]
+fn reload_signals_during_a_reload_coalesce_into_one_more() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready-after", "300", "--serve"], ""));
+    z.wait_ready();
+    for _ in 0..5 {
+        z.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    z.wait_msg_n("reload complete", 2);
+    // Had a third been queued, it would have started the moment the second completed.
+    assert_eq!(z.records_with("reloading").len(), 2, "{}", z.log_text());
+    assert_eq!(ask(addr(port)).unwrap().1, 3);
+    z.stop();
+}
+
+#[test]
+fn crashing_worker_restarts_with_exponential_backoff() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--exit-after", "20", "1"], ""));
+    z.wait_ready();
+    let restarts = z.wait_msg_n("worker exited unexpectedly; restarting", 4);
+    let delays: Vec<u64> = restarts.iter().map(|r| r["in_ms"].as_u64().unwrap()).collect();
+    for (got, want) in delays.iter().zip([100u64, 200, 400, 800]) {
+        assert!(*got <= want && *got + 20 >= want, "back-off {delays:?}");
+    }
+    assert_eq!(restarts[0]["status"], "exited with status 1");
+    z.stop();
+}
+
+#[test]
+fn restart_policy_never_stops_master_when_last_worker_exits() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--exit-after", "50", "0"], "restart = \"never\""));
+    let st = z.wait_exit();
+    assert_eq!(st.code(), Some(0), "{}", z.log_text());
+    assert_eq!(z.started_pids().len(), 1);
+    z.assert_clean();
+}
+
+#[test]
+fn restart_policy_on_failure_ignores_clean_exit_but_restarts_failure() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--exit-after", "50", "0"], "restart = \"on-failure\""));
+    assert_eq!(z.wait_exit().code(), Some(0));
+    z.assert_clean();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--exit-after", "50", "2"], "restart = \"on-failure\""));
+    z.wait_msg_n("worker exited unexpectedly; restarting", 2);
+    z.stop();
+}
+
+#[test]
+fn stop_kills_worker_that_ignores_term_after_stop_timeout() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--ignore-term"], "").replace("stop_timeout = \"10s\"", "stop_timeout = \"300ms\""));
+    z.wait_ready();
+    z.stop();
+    let exited = z.records_with("worker exited");
+    assert_eq!(exited[0]["status"], "killed by signal SIGKILL");
+}
+
+#[test]
+fn second_stop_signal_kills_at_once() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--ignore-term"], "").replace("stop_timeout = \"10s\"", "stop_timeout = \"1h\""));
+    z.wait_ready();
+    z.signal(Signal::SIGTERM);
+    z.wait_msg("stopping");
+    z.signal(Signal::SIGINT);
+    assert_eq!(z.wait_exit().code(), Some(0));
+    z.assert_clean();
+    assert_eq!(z.records_with("worker exited")[0]["status"], "killed by signal SIGKILL");
+}
+
+#[test]
+fn log_relay_loses_no_line_and_keeps_order() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--lines", "100000"], "restart = \"never\""));
+    assert_eq!(z.wait_exit().code(), Some(0));
+    let pid = z.started_pids()[0];
+    let lines: Vec<String> = z
+        .records()
+        .into_iter()
+        .filter(|r| r["stream"] == "stdout" && r["pid"] == pid && r["generation"] == 1)
+        .map(|r| r["msg"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(lines.len(), 100_000);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l, &format!("line {}", i + 1));
+    }
+}
+
+#[test]
+fn shell_worker_can_use_systemd_notify() {
+    if std::process::Command::new("systemd-notify").arg("--version").output().is_err() {
+        eprintln!("SKIP: systemd-notify not installed (Debian package systemd)");
+        return;
+    }
+    let port = free_port();
+    let mut z = Zdd::spawn(&format!(
+        "[worker]\ncommand = [\"/bin/sh\", \"-c\", \"systemd-notify --ready --status=up; exec sleep 600\"]\nstart_timeout = \"20s\"\n\
+         [[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+    ));
+    z.wait_ready();
+    z.stop();
+}
+
+#[test]
+fn ready_delay_counts_as_ready_after_the_delay() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--serve"], "ready = \"delay\"\nready_delay = \"200ms\""));
+    z.wait_ready();
+    assert_eq!(ask(addr(port)).unwrap().1, 1);
+    z.stop();
+}
+
+#[test]
+fn count_workers_all_share_the_socket() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--serve"], "count = 3"));
+    z.wait_ready();
+    let pids = z.started_pids();
+    assert_eq!(pids.len(), 3);
+    let socks: std::collections::BTreeSet<String> = pids.iter().map(|&p| socket_of(&z.report(p), 3)).collect();
+    assert_eq!(socks.len(), 1);
+    z.reload(1);
+    assert_eq!(z.started_pids().len(), 6);
     z.stop();
 }
