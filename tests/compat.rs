@@ -1,0 +1,75 @@
+//! Servers nobody here wrote, behind zdd: they must accept the sockets zdd passes (each checks
+//! LISTEN_PID in its own way), serve, and survive reloads. A missing runtime skips the test
+//! with a printed reason.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+fn http_get(port: u16) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// The generation in the body of the app's answer.
+fn generation_of(response: &str) -> u64 {
+    assert!(response.starts_with("HTTP/1.") && response.contains(" 200 "), "{response}");
+    response.trim_end().rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+fn have_gunicorn() -> bool {
+    std::process::Command::new("python3")
+        .args(["-c", "import gunicorn"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn gunicorn_serves_and_reloads() {
+    if !have_gunicorn() {
+        eprintln!("SKIP gunicorn_serves_and_reloads: python3 -m gunicorn not importable (pip install gunicorn)");
+        return;
+    }
+    let port = free_port();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let mut z = Zdd::spawn(&format!(
+        "[worker]\ncommand = [\"python3\", \"-m\", \"gunicorn\", \"--workers\", \"2\", \"--chdir\", \"{fixtures}\", \"wsgi_app:app\"]\n\
+         start_timeout = \"60s\"\nstop_timeout = \"20s\"\n\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+    ));
+    z.wait_ready();
+    assert!(z.log_text().contains(&format!("Listening at: ")), "{}", z.log_text());
+    assert_eq!(generation_of(&http_get(port).unwrap()), 1);
+    z.reload(1);
+    assert_eq!(generation_of(&http_get(port).unwrap()), 2);
+    z.reload(2);
+    assert_eq!(generation_of(&http_get(port).unwrap()), 3);
+    z.stop();
+}
+
+#[test]
+fn rust_listenfd_server_serves_and_reloads() {
+    let server = listenfd_server();
+    assert!(server.exists(), "{} not built", server.display());
+    let port = free_port();
+    let mut z = Zdd::spawn(&format!(
+        "[worker]\ncommand = [\"{}\"]\n\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n",
+        server.display()
+    ));
+    z.wait_ready();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (pid1, gen1) = ask(addr).unwrap();
+    assert_eq!(gen1, 1);
+    z.reload(1);
+    let (pid2, gen2) = ask(addr).unwrap();
+    assert_eq!(gen2, 2);
+    assert_ne!(pid1, pid2);
+    z.stop();
+}
