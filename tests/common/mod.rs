@@ -314,3 +314,12 @@ pub fn ask_unix(path: &Path) -> std::io::Result<(i32, u64)> {
     let mut it = out.split_whitespace();
     Ok((it.next().unwrap().parse().unwrap(), it.next().unwrap().parse().unwrap()))
 }
+
+/// Ask until the answer comes from generation `gen` (an old worker that was just told to stop
+/// may still answer a request or two while it finishes). Connection errors fail at once.
+pub fn ask_gen(addr: SocketAddr, gen: u64) -> i32 {
+    wait_for(&format!("an answer from generation {gen}"), DEADLINE, || {
+        let (pid, g) = ask(addr).expect("connection failed");
+        (g == gen).then_some(pid)
+    })
+}
