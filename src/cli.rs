@@ -14,7 +14,14 @@ use clap::{Parser, Subcommand};
 )]
 pub struct Cli {
     /// Config file
-    #[arg(short = 'c', long = "config", global = true, env = "ZDD_CONFIG", default_value = "zdd.toml", value_name = "FILE")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        global = true,
+        env = "ZDD_CONFIG",
+        default_value = "zdd.toml",
+        value_name = "FILE"
+    )]
     pub config: PathBuf,
 
     #[command(subcommand)]

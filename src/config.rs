@@ -26,10 +26,7 @@ use toml::Spanned;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{file}: cannot read config: {source}")]
-    Read {
-        file: String,
-        source: std::io::Error,
-    },
+    Read { file: String, source: std::io::Error },
     #[error("{file}:{line}:{col}: {key}{sep}{msg}", sep = if key.is_empty() { "" } else { ": " })]
     Invalid {
         file: String,
@@ -273,9 +270,7 @@ impl Source<'_> {
     fn key_at(&self, offset: usize) -> String {
         let offset = offset.min(self.text.len());
         let line_start = self.text[..offset].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = self.text[offset..]
-            .find('\n')
-            .map_or(self.text.len(), |i| offset + i);
+        let line_end = self.text[offset..].find('\n').map_or(self.text.len(), |i| offset + i);
         let line = &self.text[line_start..line_end];
         let key = match line.find('=') {
             Some(eq) if !line.trim_start().starts_with('[') => line[..eq].trim().to_string(),
@@ -330,10 +325,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "zdd".into());
-    let v = Validator {
-        src: &src,
-        base: &base,
-    };
+    let v = Validator { src: &src, base: &base };
 
     let master = v.master(&raw.master, &stem)?;
     let Some(worker) = &raw.worker else {
@@ -351,7 +343,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     for entry in &raw.listen {
         let l = v.listen(entry)?;
         if !names.insert(l.name.clone()) {
-            return Err(src.err(entry.get_ref().name.span(), "listen.name", format!("duplicate listener name {:?}", l.name)));
+            return Err(src.err(
+                entry.get_ref().name.span(),
+                "listen.name",
+                format!("duplicate listener name {:?}", l.name),
+            ));
         }
         if !addrs.insert(l.addr.clone()) {
             return Err(src.err(entry.span(), "listen", format!("address {} is listed twice", l.addr)));
@@ -373,7 +369,8 @@ struct Validator<'a> {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (examples: \"250ms\", \"30s\", \"1m30s\")"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (examples: \"250ms\", \"30s\", \"1m30s\")"))
 }
 
 /// Parse a signal name: `TERM`, `SIGTERM` or a number.
@@ -442,10 +439,17 @@ impl Validator<'_> {
         };
         let notify_socket = dir.join(format!("{sock_stem}.notify"));
         // sockaddr_un holds 108 bytes including the terminating NUL.
-        for (p, key) in [(&control_socket, "master.control_socket"), (&notify_socket, "master.control_socket")] {
+        for (p, key) in [
+            (&control_socket, "master.control_socket"),
+            (&notify_socket, "master.control_socket"),
+        ] {
             if p.as_os_str().len() > 107 {
                 let span = m.control_socket.as_ref().map_or(0..0, |s| s.span());
-                return Err(self.err(span, key, format!("socket path {} is longer than 107 bytes", p.display())));
+                return Err(self.err(
+                    span,
+                    key,
+                    format!("socket path {} is longer than 107 bytes", p.display()),
+                ));
             }
         }
         let log = match &m.log {
@@ -457,7 +461,11 @@ impl Validator<'_> {
             None | Some(("text", _)) => LogFormat::Text,
             Some(("json", _)) => LogFormat::Json,
             Some((other, span)) => {
-                return Err(self.err(span, "master.log_format", format!("expected \"text\" or \"json\", got {other:?}")))
+                return Err(self.err(
+                    span,
+                    "master.log_format",
+                    format!("expected \"text\" or \"json\", got {other:?}"),
+                ))
             }
         };
         let max_draining = match &m.max_draining {
@@ -481,12 +489,24 @@ impl Validator<'_> {
         let w = w.get_ref();
         let command = w.command.get_ref().clone();
         if command.is_empty() || command[0].is_empty() {
-            return Err(self.err(w.command.span(), "worker.command", "must name a program: [\"/path/to/server\", \"arg\", ...]"));
+            return Err(self.err(
+                w.command.span(),
+                "worker.command",
+                "must name a program: [\"/path/to/server\", \"arg\", ...]",
+            ));
         }
         if command.iter().any(|a| a.contains('\0')) {
-            return Err(self.err(w.command.span(), "worker.command", "arguments must not contain NUL bytes"));
+            return Err(self.err(
+                w.command.span(),
+                "worker.command",
+                "arguments must not contain NUL bytes",
+            ));
         }
-        let cwd = w.cwd.as_ref().map(|c| self.nonempty_path(c, "worker.cwd")).transpose()?;
+        let cwd = w
+            .cwd
+            .as_ref()
+            .map(|c| self.nonempty_path(c, "worker.cwd"))
+            .transpose()?;
         let mut env = Vec::with_capacity(w.env.len());
         for (k, v) in &w.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.get_ref().contains('\0') {
@@ -531,9 +551,15 @@ impl Validator<'_> {
                 }
                 Ready::Notify
             }
-            Some(("delay", _)) => Ready::Delay(self.duration(&w.ready_delay, "worker.ready_delay", Duration::from_secs(1))?),
+            Some(("delay", _)) => {
+                Ready::Delay(self.duration(&w.ready_delay, "worker.ready_delay", Duration::from_secs(1))?)
+            }
             Some((other, span)) => {
-                return Err(self.err(span, "worker.ready", format!("expected \"notify\" or \"delay\", got {other:?}")))
+                return Err(self.err(
+                    span,
+                    "worker.ready",
+                    format!("expected \"notify\" or \"delay\", got {other:?}"),
+                ))
             }
         };
         let start_timeout = self.duration(&w.start_timeout, "worker.start_timeout", Duration::from_secs(60))?;
@@ -557,17 +583,29 @@ impl Validator<'_> {
             Some(("on-failure", _)) => Restart::OnFailure,
             Some(("never", _)) => Restart::Never,
             Some((other, span)) => {
-                return Err(self.err(span, "worker.restart", format!("expected \"always\", \"on-failure\" or \"never\", got {other:?}")))
+                return Err(self.err(
+                    span,
+                    "worker.restart",
+                    format!("expected \"always\", \"on-failure\" or \"never\", got {other:?}"),
+                ))
             }
         };
-        let umask = w.umask.as_ref().map(|u| self.octal(u, "worker.umask", 0o777)).transpose()?;
+        let umask = w
+            .umask
+            .as_ref()
+            .map(|u| self.octal(u, "worker.umask", 0o777))
+            .transpose()?;
         let mut compat = Vec::new();
         for c in &w.compat {
             compat.push(match c.get_ref().as_str() {
                 "einhorn" => Compat::Einhorn,
                 "server_starter" => Compat::ServerStarter,
                 other => {
-                    return Err(self.err(c.span(), "worker.compat", format!("expected \"einhorn\" or \"server_starter\", got {other:?}")))
+                    return Err(self.err(
+                        c.span(),
+                        "worker.compat",
+                        format!("expected \"einhorn\" or \"server_starter\", got {other:?}"),
+                    ))
                 }
             });
         }
@@ -590,13 +628,22 @@ impl Validator<'_> {
     fn rlimit(&self, name: &str, v: &Spanned<RawLimit>) -> Result<Rlimit, ConfigError> {
         let key = format!("rlimits.{name}");
         let (resource, name) = rlimit_resource(name).ok_or_else(|| {
-            self.err(v.span(), &key, format!("unknown resource {name:?}; known: {}", RLIMIT_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")))
+            self.err(
+                v.span(),
+                &key,
+                format!(
+                    "unknown resource {name:?}; known: {}",
+                    RLIMIT_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                ),
+            )
         })?;
         let value = |lv: &LimitValue| -> Result<u64, ConfigError> {
             match lv {
                 LimitValue::Int(i) => u64::try_from(*i).map_err(|_| self.err(v.span(), &key, "must not be negative")),
                 LimitValue::Text(s) if s == "infinity" || s == "unlimited" => Ok(nix::libc::RLIM_INFINITY),
-                LimitValue::Text(s) => Err(self.err(v.span(), &key, format!("expected a number or \"infinity\", got {s:?}"))),
+                LimitValue::Text(s) => {
+                    Err(self.err(v.span(), &key, format!("expected a number or \"infinity\", got {s:?}")))
+                }
             }
         };
         let (soft, hard) = match v.get_ref() {
@@ -618,12 +665,27 @@ impl Validator<'_> {
         let span = l.span();
         let l = l.get_ref();
         let name = l.name.get_ref();
-        if name.is_empty() || name.len() > 255 || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ') || name.contains(':') {
-            return Err(self.err(l.name.span(), "listen.name", "must be 1 to 255 printable ASCII characters without ':'"));
+        if name.is_empty()
+            || name.len() > 255
+            || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+            || name.contains(':')
+        {
+            return Err(self.err(
+                l.name.span(),
+                "listen.name",
+                "must be 1 to 255 printable ASCII characters without ':'",
+            ));
         }
         let addr = match (&l.tcp, &l.unix) {
             (Some(t), None) => ListenAddr::Tcp(t.get_ref().parse::<SocketAddr>().map_err(|_| {
-                self.err(t.span(), "listen.tcp", format!("{:?} is not an address such as \"0.0.0.0:8080\" or \"[::1]:8080\"", t.get_ref()))
+                self.err(
+                    t.span(),
+                    "listen.tcp",
+                    format!(
+                        "{:?} is not an address such as \"0.0.0.0:8080\" or \"[::1]:8080\"",
+                        t.get_ref()
+                    ),
+                )
             })?),
             (None, Some(u)) => {
                 let s = u.get_ref();
@@ -635,13 +697,23 @@ impl Validator<'_> {
                 } else {
                     let p = self.nonempty_path(u, "listen.unix")?;
                     if p.as_os_str().len() > 107 {
-                        return Err(self.err(u.span(), "listen.unix", format!("socket path {} is longer than 107 bytes", p.display())));
+                        return Err(self.err(
+                            u.span(),
+                            "listen.unix",
+                            format!("socket path {} is longer than 107 bytes", p.display()),
+                        ));
                     }
                     ListenAddr::Unix(p)
                 }
             }
             (Some(t), Some(_)) => return Err(self.err(t.span(), "listen", "give either tcp or unix, not both")),
-            (None, None) => return Err(self.err(span, "listen", format!("listener {name:?} needs tcp = \"ADDR:PORT\" or unix = \"PATH\""))),
+            (None, None) => {
+                return Err(self.err(
+                    span,
+                    "listen",
+                    format!("listener {name:?} needs tcp = \"ADDR:PORT\" or unix = \"PATH\""),
+                ))
+            }
         };
         let backlog = match &l.backlog {
             None => nix::libc::SOMAXCONN,
@@ -661,11 +733,19 @@ impl Validator<'_> {
         file_only(l.mode.as_ref().map(|m| m.span()), "listen.mode")?;
         file_only(l.owner.as_ref().map(|m| m.span()), "listen.owner")?;
         file_only(l.group.as_ref().map(|m| m.span()), "listen.group")?;
-        let mode = l.mode.as_ref().map(|m| self.octal(m, "listen.mode", 0o7777)).transpose()?;
+        let mode = l
+            .mode
+            .as_ref()
+            .map(|m| self.octal(m, "listen.mode", 0o7777))
+            .transpose()?;
         let owner = l
             .owner
             .as_ref()
-            .map(|o| lookup_user(o.get_ref()).map(|u| u.uid).map_err(|m| self.err(o.span(), "listen.owner", m)))
+            .map(|o| {
+                lookup_user(o.get_ref())
+                    .map(|u| u.uid)
+                    .map_err(|m| self.err(o.span(), "listen.owner", m))
+            })
             .transpose()?;
         let group = l
             .group
@@ -872,7 +952,10 @@ unix = "@zdd-test"
         ];
         for (line, key, pos) in cases {
             let e = err(&format!("[worker]\ncommand = [\"/bin/true\"]\n{line}\n"));
-            assert!(e.starts_with(&format!("/etc/zdd/app.toml:{pos}: {key}: ")), "{line}: {e}");
+            assert!(
+                e.starts_with(&format!("/etc/zdd/app.toml:{pos}: {key}: ")),
+                "{line}: {e}"
+            );
         }
     }
 
@@ -897,7 +980,9 @@ unix = "@zdd-test"
     fn duplicate_names_and_addresses_are_rejected() {
         let e = err(&format!("{MIN}[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:8081\"\n"));
         assert!(e.contains("duplicate listener name \"http\""), "{e}");
-        let e = err(&format!("{MIN}[[listen]]\nname = \"other\"\ntcp = \"127.0.0.1:8080\"\n"));
+        let e = err(&format!(
+            "{MIN}[[listen]]\nname = \"other\"\ntcp = \"127.0.0.1:8080\"\n"
+        ));
         assert!(e.contains("listed twice"), "{e}");
     }
 

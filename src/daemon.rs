@@ -20,7 +20,11 @@ pub enum PidFileError {
     #[error("already running, pid {pid} (pid file {path} is locked)")]
     AlreadyRunning { pid: String, path: String },
     #[error("pid file {path}: {op}: {msg}")]
-    Io { path: String, op: &'static str, msg: String },
+    Io {
+        path: String,
+        op: &'static str,
+        msg: String,
+    },
 }
 
 pub struct PidFile {
@@ -34,16 +38,15 @@ pub fn ensure_parent(path: &Path) -> std::io::Result<()> {
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => {
             use std::os::unix::fs::DirBuilderExt;
-            let mode = if nix::unistd::Uid::effective().is_root() { 0o755 } else { 0o700 };
+            let mode = if nix::unistd::Uid::effective().is_root() {
+                0o755
+            } else {
+                0o700
+            };
             std::fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
         }
         _ => Ok(()),
     }
-}
-
-/// Read the pid recorded in a pid file, if any.
-pub fn read_pid(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 impl PidFile {
@@ -115,9 +118,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/app.pid");
         let first = PidFile::acquire(&path).unwrap();
-        assert_eq!(read_pid(&path), Some(std::process::id() as i32));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", std::process::id())
+        );
         let err = PidFile::acquire(&path).err().unwrap().to_string();
-        assert!(err.starts_with(&format!("already running, pid {}", std::process::id())), "{err}");
+        assert!(
+            err.starts_with(&format!("already running, pid {}", std::process::id())),
+            "{err}"
+        );
         drop(first);
         assert!(!path.exists());
         let again = PidFile::acquire(&path).unwrap();

@@ -29,6 +29,9 @@ mod tests {
     #[test]
     fn names_errno() {
         assert_eq!(describe(Errno::EACCES), "permission denied (EACCES)");
-        assert_eq!(describe_io(&std::io::Error::from_raw_os_error(2)), "no such file or directory (ENOENT)");
+        assert_eq!(
+            describe_io(&std::io::Error::from_raw_os_error(2)),
+            "no such file or directory (ENOENT)"
+        );
     }
 }

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, bind, connect, listen, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
-    UnixAddr,
+    self, bind, connect, listen, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn,
+    SockaddrIn6, UnixAddr,
 };
 use nix::sys::stat::{fchmodat, FchmodatFlags, Mode};
 use nix::unistd::fchownat;
@@ -70,7 +70,11 @@ impl Listener {
         let flags = SockFlag::SOCK_CLOEXEC;
         let (fd, created) = match &cfg.addr {
             ListenAddr::Tcp(sa) => {
-                let family = if sa.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+                let family = if sa.is_ipv4() {
+                    AddressFamily::Inet
+                } else {
+                    AddressFamily::Inet6
+                };
                 let fd = socket::socket(family, SockType::Stream, flags, None).map_err(|e| sys("socket", e))?;
                 setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| sys("setsockopt SO_REUSEADDR", e))?;
                 let r = match sa {
@@ -81,13 +85,15 @@ impl Listener {
                 (fd, None)
             }
             ListenAddr::Abstract(name) => {
-                let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None).map_err(|e| sys("socket", e))?;
+                let fd =
+                    socket::socket(AddressFamily::Unix, SockType::Stream, flags, None).map_err(|e| sys("socket", e))?;
                 let ua = UnixAddr::new_abstract(name.as_bytes()).map_err(|e| sys("address", e))?;
                 bind(fd.as_raw_fd(), &ua).map_err(|e| sys("bind", e))?;
                 (fd, None)
             }
             ListenAddr::Unix(path) => {
-                let fd = socket::socket(AddressFamily::Unix, SockType::Stream, flags, None).map_err(|e| sys("socket", e))?;
+                let fd =
+                    socket::socket(AddressFamily::Unix, SockType::Stream, flags, None).map_err(|e| sys("socket", e))?;
                 clear_stale(&cfg.name, path)?;
                 let ua = UnixAddr::new(path.as_path()).map_err(|e| sys("address", e))?;
                 bind(fd.as_raw_fd(), &ua).map_err(|e| sys("bind", e))?;
@@ -140,11 +146,13 @@ impl Listener {
     pub fn update(&self, cfg: &ListenConfig) -> Result<(), ListenError> {
         self.apply_file_settings(cfg)?;
         if cfg.backlog != self.backlog.get() {
-            listen(&self.fd, Backlog::new(cfg.backlog).unwrap_or(Backlog::MAXCONN)).map_err(|errno| ListenError::Sys {
-                name: cfg.name.clone(),
-                op: "listen",
-                addr: cfg.addr.to_string(),
-                errno,
+            listen(&self.fd, Backlog::new(cfg.backlog).unwrap_or(Backlog::MAXCONN)).map_err(|errno| {
+                ListenError::Sys {
+                    name: cfg.name.clone(),
+                    op: "listen",
+                    addr: cfg.addr.to_string(),
+                    errno,
+                }
             })?;
             self.backlog.set(cfg.backlog);
         }
@@ -152,7 +160,9 @@ impl Listener {
     }
 
     fn apply_file_settings(&self, cfg: &ListenConfig) -> Result<(), ListenError> {
-        let ListenAddr::Unix(path) = &cfg.addr else { return Ok(()) };
+        let ListenAddr::Unix(path) = &cfg.addr else {
+            return Ok(());
+        };
         let sys = |op: &'static str, errno: Errno| ListenError::Sys {
             name: cfg.name.clone(),
             op,
@@ -160,11 +170,23 @@ impl Listener {
             errno,
         };
         if let Some(mode) = cfg.mode {
-            fchmodat(None, path.as_path(), Mode::from_bits_truncate(mode), FchmodatFlags::NoFollowSymlink)
-                .map_err(|e| sys("chmod", e))?;
+            fchmodat(
+                None,
+                path.as_path(),
+                Mode::from_bits_truncate(mode),
+                FchmodatFlags::NoFollowSymlink,
+            )
+            .map_err(|e| sys("chmod", e))?;
         }
         if cfg.owner.is_some() || cfg.group.is_some() {
-            fchownat(None, path.as_path(), cfg.owner, cfg.group, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| sys("chown", e))?;
+            fchownat(
+                None,
+                path.as_path(),
+                cfg.owner,
+                cfg.group,
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| sys("chown", e))?;
         }
         Ok(())
     }

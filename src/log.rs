@@ -56,10 +56,6 @@ impl Sink {
         *inner = Target::File(file);
         Ok(())
     }
-
-    pub fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
-    }
 }
 
 impl Write for Sink {

@@ -51,7 +51,10 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Start { foreground } => {
             if !foreground {
-                return Err(fail(2, "daemon mode is not available in this build; run `zdd start --foreground`"));
+                return Err(fail(
+                    2,
+                    "daemon mode is not available in this build; run `zdd start --foreground`",
+                ));
             }
             match master::run_foreground(&cli.config) {
                 Ok(code) => Ok(code as u8),

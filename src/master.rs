@@ -97,7 +97,7 @@ impl Signals {
     /// Drain the wake-up pipe and return the signals that arrived, in a fixed order.
     fn take(&self) -> Vec<Signal> {
         let mut buf = [0u8; 256];
-        while nix::unistd::read(self.wake_r.as_raw_fd(), &mut buf).map_or(false, |n| n > 0) {}
+        while nix::unistd::read(self.wake_r.as_raw_fd(), &mut buf).is_ok_and(|n| n > 0) {}
         self.flags
             .iter()
             .filter(|(_, f)| f.swap(false, Ordering::SeqCst))
@@ -175,8 +175,13 @@ impl Master {
         let config = Rc::new(config);
         let m = &config.master;
         let pid_file = PidFile::acquire(&m.pid_file)?;
-        ensure_parent(&m.notify_socket)
-            .map_err(|e| StartError::Other(format!("create directory for {}: {}", m.notify_socket.display(), describe_io(&e))))?;
+        ensure_parent(&m.notify_socket).map_err(|e| {
+            StartError::Other(format!(
+                "create directory for {}: {}",
+                m.notify_socket.display(),
+                describe_io(&e)
+            ))
+        })?;
         let signals = Signals::install().map_err(|e| StartError::Other(format!("installing signal handlers: {e}")))?;
         // SAFETY: prctl with integer arguments only.
         unsafe {
@@ -239,7 +244,13 @@ impl Master {
         self.exit_code
     }
 
-    fn spawn_worker(&mut self, config: &Rc<Config>, listeners: &[Rc<Listener>], generation: u64, slot: usize) -> Result<(), String> {
+    fn spawn_worker(
+        &mut self,
+        config: &Rc<Config>,
+        listeners: &[Rc<Listener>],
+        generation: u64,
+        slot: usize,
+    ) -> Result<(), String> {
         let spec = SpawnSpec {
             worker: &config.worker,
             names: config.listen.iter().map(|l| l.name.as_str()).collect(),
@@ -268,10 +279,12 @@ impl Master {
                 ready_at,
             },
             started: now,
-            started_wall: std::time::SystemTime::now(),
             stop_signal: config.worker.stop_signal,
             stop_timeout: config.worker.stop_timeout,
-            pipes: vec![Pipe::new(spawned.stdout, Stream::Stdout), Pipe::new(spawned.stderr, Stream::Stderr)],
+            pipes: vec![
+                Pipe::new(spawned.stdout, Stream::Stdout),
+                Pipe::new(spawned.stderr, Stream::Stderr),
+            ],
             tail: Default::default(),
             status_text: None,
             _listeners: listeners.to_vec(),
@@ -345,7 +358,9 @@ impl Master {
     fn reopen_logs(&mut self) {
         match self.sink.reopen() {
             Ok(()) => info!(self.log, "log reopened"),
-            Err(e) => error!(self.log, "reopening log failed; still writing to the old file"; "error" => describe_io(&e)),
+            Err(e) => {
+                error!(self.log, "reopening log failed; still writing to the old file"; "error" => describe_io(&e))
+            }
         }
     }
 
@@ -425,7 +440,11 @@ impl Master {
 
     fn pump_pipes(&mut self, ready: &[RawFd]) {
         for i in 0..self.workers.len() {
-            if self.workers[i].pipes.iter().any(|p| ready.binary_search(&p.raw_fd()).is_ok()) {
+            if self.workers[i]
+                .pipes
+                .iter()
+                .any(|p| ready.binary_search(&p.raw_fd()).is_ok())
+            {
                 self.drain_worker(i, false);
             }
         }
@@ -505,7 +524,16 @@ impl Master {
 
     /// A worker exited on its own.
     #[allow(clippy::too_many_arguments)]
-    fn worker_died(&mut self, generation: u64, slot: usize, pid: i32, status: ExitStatus, lived: Duration, reason: String, tail: Vec<String>) {
+    fn worker_died(
+        &mut self,
+        generation: u64,
+        slot: usize,
+        pid: i32,
+        status: ExitStatus,
+        lived: Duration,
+        reason: String,
+        tail: Vec<String>,
+    ) {
         let starting_gen = match (&self.reload, self.phase) {
             (Some(r), _) if r.generation == generation => true,
             (_, Phase::Starting) => generation == self.generation,
@@ -526,7 +554,11 @@ impl Master {
         };
         if !restart {
             warn!(self.log, "worker exited; not restarting (restart policy)"; "status" => status.to_string(), "generation" => generation, "pid" => pid);
-            if !self.workers.iter().any(|w| w.generation == self.generation && w.state.is_alive() && w.pid.as_raw() != pid) {
+            if !self
+                .workers
+                .iter()
+                .any(|w| w.generation == self.generation && w.state.is_alive() && w.pid.as_raw() != pid)
+            {
                 info!(self.log, "no workers left and none to restart: stopping");
                 self.exit_code = if status.success() { 0 } else { 1 };
                 self.begin_stop();
@@ -534,7 +566,10 @@ impl Master {
             return;
         }
         self.schedule_restart(slot, lived);
-        let delay = self.slots[slot].restart_at.map(|t| t.saturating_duration_since(Instant::now())).unwrap_or_default();
+        let delay = self.slots[slot]
+            .restart_at
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or_default();
         warn!(self.log, "worker exited unexpectedly; restarting";
             "in_ms" => delay.as_millis() as u64, "status" => status.to_string(), "generation" => generation, "pid" => pid);
     }
@@ -545,7 +580,9 @@ impl Master {
             s.failures = 0;
         }
         s.failures = s.failures.saturating_add(1);
-        let delay = BACKOFF_MIN.saturating_mul(1u32 << (s.failures - 1).min(20)).min(BACKOFF_MAX);
+        let delay = BACKOFF_MIN
+            .saturating_mul(1u32 << (s.failures - 1).min(20))
+            .min(BACKOFF_MAX);
         s.restart_at = Some(Instant::now() + delay);
     }
 
@@ -637,7 +674,10 @@ impl Master {
             }
         };
         if config.master != self.config.master {
-            warn!(self.log, "[master] settings changed; they take effect at the next start, not on reload");
+            warn!(
+                self.log,
+                "[master] settings changed; they take effect at the next start, not on reload"
+            );
         }
         let mut listeners = Vec::with_capacity(config.listen.len());
         for lc in &config.listen {

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    bind, recvmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+    bind, recvmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    UnixAddr,
 };
 use nix::unistd::Pid;
 
@@ -42,7 +43,11 @@ pub struct Message {
 
 impl Message {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.fields.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -109,13 +114,18 @@ impl NotifyServer {
     /// Give the socket file to the workers' user, so that they can write to it.
     pub fn set_owner(&self, owner: Option<nix::unistd::Uid>) -> Result<(), NotifyError> {
         let uid = owner.unwrap_or_else(nix::unistd::Uid::effective);
-        nix::unistd::fchownat(None, self.path.as_path(), Some(uid), None, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).map_err(
-            |errno| NotifyError::Sys {
-                path: self.path.display().to_string(),
-                op: "chown",
-                errno,
-            },
+        nix::unistd::fchownat(
+            None,
+            self.path.as_path(),
+            Some(uid),
+            None,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
+        .map_err(|errno| NotifyError::Sys {
+            path: self.path.display().to_string(),
+            op: "chown",
+            errno,
+        })
     }
 
     pub fn path(&self) -> &Path {

@@ -44,7 +44,10 @@ pub struct Pipe {
 impl Pipe {
     pub fn new(fd: OwnedFd, stream: Stream) -> Pipe {
         if let Ok(flags) = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL) {
-            let _ = fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK));
+            let _ = fcntl(
+                fd.as_raw_fd(),
+                FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+            );
         }
         Pipe {
             fd,

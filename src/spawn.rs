@@ -150,7 +150,9 @@ fn build_env(spec: &SpawnSpec<'_>) -> (Vec<Vec<u8>>, Option<usize>) {
                     .iter()
                     .enumerate()
                     .map(|(i, l)| match l.addr() {
-                        ListenAddr::Tcp(a) if a.ip().is_unspecified() && a.is_ipv4() => format!("{}={}", a.port(), 3 + i),
+                        ListenAddr::Tcp(a) if a.ip().is_unspecified() && a.is_ipv4() => {
+                            format!("{}={}", a.port(), 3 + i)
+                        }
                         ListenAddr::Tcp(a) => format!("{a}={}", 3 + i),
                         other => format!("{other}={}", 3 + i),
                     })
@@ -282,7 +284,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
     }
     if pid < 0 {
-        return Err(SpawnError::Master { op: "fork", errno: fork_errno });
+        return Err(SpawnError::Master {
+            op: "fork",
+            errno: fork_errno,
+        });
     }
     let child = Pid::from_raw(pid);
     // Also from the parent, so the group exists before we could signal it.
@@ -311,12 +316,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     }
     // The child failed before exec and exits at once; collect it here so the master's
     // reaper never sees it.
-    loop {
-        match nix::sys::wait::waitpid(child, None) {
-            Err(Errno::EINTR) => continue,
-            _ => break,
-        }
-    }
+    while let Err(Errno::EINTR) = nix::sys::wait::waitpid(child, None) {}
     let errno = Errno::from_raw(i32::from_ne_bytes([report[1], report[2], report[3], report[4]]));
     let (step, object) = match report[0] {
         STEP_PGID => ("setpgid", String::new()),
@@ -326,7 +326,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         STEP_SETUID => ("setuid", uid.map(|u| u.to_string()).unwrap_or_default()),
         STEP_PDEATHSIG => ("prctl PR_SET_PDEATHSIG", String::new()),
         STEP_RLIMIT => ("setrlimit", String::new()),
-        STEP_CHDIR => ("chdir", w.cwd.as_ref().map(|c| c.display().to_string()).unwrap_or_default()),
+        STEP_CHDIR => (
+            "chdir",
+            w.cwd.as_ref().map(|c| c.display().to_string()).unwrap_or_default(),
+        ),
         _ => ("exec", program.display().to_string()),
     };
     Err(SpawnError::Child { step, object, errno })
@@ -373,7 +376,13 @@ unsafe fn child_after_fork(plan: ChildPlan<'_>) -> ! {
     let dfl = [0u64; 4];
     for sig in 1..=64 {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-            libc::syscall(libc::SYS_rt_sigaction, sig, dfl.as_ptr(), std::ptr::null_mut::<u64>(), 8usize);
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            );
         }
     }
     let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -405,7 +414,13 @@ unsafe fn child_after_fork(plan: ChildPlan<'_>) -> ! {
         }
     }
     // Everything from 3+n up closes at exec, including fds the master inherited itself.
-    if libc::syscall(libc::SYS_close_range, first_free as libc::c_uint, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+    if libc::syscall(
+        libc::SYS_close_range,
+        first_free as libc::c_uint,
+        libc::c_uint::MAX,
+        libc::CLOSE_RANGE_CLOEXEC,
+    ) != 0
+    {
         let mut fd = first_free;
         while fd < 65536 {
             libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
@@ -482,7 +497,14 @@ mod tests {
 
     #[test]
     fn removes_inherited_systemd_variables() {
-        for k in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        for k in [
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+        ] {
             assert!(inherited_is_removed(OsStr::new(k)), "{k}");
         }
         for k in ["PATH", "HOME", "LISTENER", "NOTIFY"] {
@@ -492,8 +514,14 @@ mod tests {
 
     #[test]
     fn resolves_program_in_path() {
-        assert_eq!(resolve_program("sh", Some(OsStr::new("/nonexistent:/bin"))).unwrap(), PathBuf::from("/bin/sh"));
-        assert!(matches!(resolve_program("no-such-program-zdd", Some(OsStr::new("/bin"))), Err(SpawnError::NotFound(_))));
+        assert_eq!(
+            resolve_program("sh", Some(OsStr::new("/nonexistent:/bin"))).unwrap(),
+            PathBuf::from("/bin/sh")
+        );
+        assert!(matches!(
+            resolve_program("no-such-program-zdd", Some(OsStr::new("/bin"))),
+            Err(SpawnError::NotFound(_))
+        ));
         assert_eq!(resolve_program("./x", None).unwrap(), PathBuf::from("./x"));
     }
 }

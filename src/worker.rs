@@ -56,26 +56,21 @@ impl fmt::Display for ExitStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Started, not ready yet. `ready_at` is set for `ready = "delay"`.
-    Starting { deadline: Instant, ready_at: Option<Instant> },
+    Starting {
+        deadline: Instant,
+        ready_at: Option<Instant>,
+    },
     Ready,
     /// Sent its stop signal; SIGKILL to its process group at `kill_at`.
-    Stopping { kill_at: Instant },
+    Stopping {
+        kill_at: Instant,
+    },
     /// Sent SIGKILL; waiting to be reaped.
     Killed,
     Exited(ExitStatus),
 }
 
 impl State {
-    pub fn name(&self) -> &'static str {
-        match self {
-            State::Starting { .. } => "starting",
-            State::Ready => "ready",
-            State::Stopping { .. } => "stopping",
-            State::Killed => "killed",
-            State::Exited(_) => "exited",
-        }
-    }
-
     pub fn deadline(&self) -> Option<Instant> {
         match *self {
             State::Starting { deadline, ready_at } => Some(ready_at.map_or(deadline, |r| r.min(deadline))),
@@ -111,7 +106,10 @@ pub enum Effect {
     BecameReady,
     StartTimedOut,
     /// The worker is gone; `expected` when zdd itself had asked it to go.
-    Gone { status: ExitStatus, expected: bool },
+    Gone {
+        status: ExitStatus,
+        expected: bool,
+    },
 }
 
 /// The state machine: the one place a worker's state changes.
@@ -122,9 +120,13 @@ pub fn transition(state: State, event: Event, stop_timeout: Duration) -> (State,
         (S::Exited(_), _) => (state, vec![]),
         (S::Starting { .. }, E::Ready) => (S::Ready, vec![Effect::BecameReady]),
         (S::Ready | S::Stopping { .. } | S::Killed, E::Ready) => (state, vec![]),
-        (S::Starting { ready_at: Some(at), deadline }, E::Tick(now)) if now >= at && at < deadline => {
-            (S::Ready, vec![Effect::BecameReady])
-        }
+        (
+            S::Starting {
+                ready_at: Some(at),
+                deadline,
+            },
+            E::Tick(now),
+        ) if now >= at && at < deadline => (S::Ready, vec![Effect::BecameReady]),
         (S::Starting { deadline, .. }, E::Tick(now)) if now >= deadline => {
             (S::Killed, vec![Effect::KillGroup, Effect::StartTimedOut])
         }
@@ -153,7 +155,6 @@ pub struct Worker {
     pub slot: usize,
     pub state: State,
     pub started: Instant,
-    pub started_wall: std::time::SystemTime,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
     pub pipes: Vec<Pipe>,
@@ -215,7 +216,10 @@ mod tests {
     #[test]
     fn ready_message_makes_a_starting_worker_ready() {
         let now = Instant::now();
-        assert_eq!(transition(starting(now, None), Event::Ready, STOP), (State::Ready, vec![Effect::BecameReady]));
+        assert_eq!(
+            transition(starting(now, None), Event::Ready, STOP),
+            (State::Ready, vec![Effect::BecameReady])
+        );
         assert_eq!(transition(State::Ready, Event::Ready, STOP), (State::Ready, vec![]));
     }
 
@@ -224,7 +228,10 @@ mod tests {
         let now = Instant::now();
         let s = starting(now, Some(now + Duration::from_secs(1)));
         assert_eq!(transition(s, Event::Tick(now), STOP).0, s);
-        assert_eq!(transition(s, Event::Tick(now + Duration::from_secs(1)), STOP), (State::Ready, vec![Effect::BecameReady]));
+        assert_eq!(
+            transition(s, Event::Tick(now + Duration::from_secs(1)), STOP),
+            (State::Ready, vec![Effect::BecameReady])
+        );
     }
 
     #[test]
@@ -250,8 +257,14 @@ mod tests {
         assert_eq!(s, State::Stopping { kill_at: now + STOP });
         assert_eq!(e, vec![Effect::SendStopSignal]);
         assert_eq!(transition(s, Event::Stop(now), STOP), (s, vec![]));
-        assert_eq!(transition(s, Event::Tick(now + Duration::from_secs(1)), STOP), (s, vec![]));
-        assert_eq!(transition(s, Event::Tick(now + STOP), STOP), (State::Killed, vec![Effect::KillGroup]));
+        assert_eq!(
+            transition(s, Event::Tick(now + Duration::from_secs(1)), STOP),
+            (s, vec![])
+        );
+        assert_eq!(
+            transition(s, Event::Tick(now + STOP), STOP),
+            (State::Killed, vec![Effect::KillGroup])
+        );
     }
 
     #[test]
@@ -270,14 +283,22 @@ mod tests {
     #[test]
     fn exited_is_final() {
         let s = State::Exited(ExitStatus::Code(0));
-        for ev in [Event::Ready, Event::Kill, Event::Stop(Instant::now()), Event::Tick(Instant::now())] {
+        for ev in [
+            Event::Ready,
+            Event::Kill,
+            Event::Stop(Instant::now()),
+            Event::Tick(Instant::now()),
+        ] {
             assert_eq!(transition(s, ev, STOP), (s, vec![]));
         }
     }
 
     #[test]
     fn kill_is_idempotent() {
-        assert_eq!(transition(State::Ready, Event::Kill, STOP), (State::Killed, vec![Effect::KillGroup]));
+        assert_eq!(
+            transition(State::Ready, Event::Kill, STOP),
+            (State::Killed, vec![Effect::KillGroup])
+        );
         assert_eq!(transition(State::Killed, Event::Kill, STOP), (State::Killed, vec![]));
     }
 

@@ -23,7 +23,10 @@ fn listen(port: u16) -> String {
 fn assert_nothing_left(z: &Zdd, o: &Output) {
     z.assert_clean();
     let text = stderr(o);
-    for line in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+    for line in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
         if line["msg"] == "worker started" {
             let pid = line["pid"].as_i64().unwrap() as i32;
             wait_for(&format!("worker {pid} gone"), DEADLINE, || (!alive(pid)).then_some(()));
@@ -34,11 +37,17 @@ fn assert_nothing_left(z: &Zdd, o: &Output) {
 #[test]
 fn nonexistent_command_is_an_exec_error() {
     let port = free_port();
-    let z = Zdd::new(&format!("[worker]\ncommand = [\"/nonexistent/server\", \"--flag\"]\n{}", listen(port)));
+    let z = Zdd::new(&format!(
+        "[worker]\ncommand = [\"/nonexistent/server\", \"--flag\"]\n{}",
+        listen(port)
+    ));
     let o = start_output(&z);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(e.contains("exec /nonexistent/server: no such file or directory (ENOENT)"), "{e}");
+    assert!(
+        e.contains("exec /nonexistent/server: no such file or directory (ENOENT)"),
+        "{e}"
+    );
     assert!(e.contains("start failed"), "{e}");
     assert_nothing_left(&z, &o);
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
@@ -49,24 +58,37 @@ fn command_not_in_path() {
     let z = Zdd::new("[worker]\ncommand = [\"no-such-server-zdd\"]\n");
     let o = start_output(&z);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("worker command \\\"no-such-server-zdd\\\": not found in PATH"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("worker command \\\"no-such-server-zdd\\\": not found in PATH"),
+        "{}",
+        stderr(&o)
+    );
     assert_nothing_left(&z, &o);
 }
 
 #[test]
 fn worker_that_exits_at_once() {
-    let z = Zdd::new(&format!("[worker]\ncommand = [\"{{fixture}}\", \"--stderr-lines\", \"2\", \"--exit\", \"7\"]\n{}", listen(free_port())));
+    let z = Zdd::new(&format!(
+        "[worker]\ncommand = [\"{{fixture}}\", \"--stderr-lines\", \"2\", \"--exit\", \"7\"]\n{}",
+        listen(free_port())
+    ));
     let o = start_output(&z);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(e.contains("start failed: worker pid") && e.contains("exited with status 7 during start-up"), "{e}");
+    assert!(
+        e.contains("start failed: worker pid") && e.contains("exited with status 7 during start-up"),
+        "{e}"
+    );
     assert!(e.contains("  | err line 2"), "{e}");
     assert_nothing_left(&z, &o);
 }
 
 #[test]
 fn worker_never_ready() {
-    let z = Zdd::new(&format!("[worker]\ncommand = [\"{{fixture}}\"]\nstart_timeout = \"300ms\"\n{}", listen(free_port())));
+    let z = Zdd::new(&format!(
+        "[worker]\ncommand = [\"{{fixture}}\"]\nstart_timeout = \"300ms\"\n{}",
+        listen(free_port())
+    ));
     let o = start_output(&z);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
@@ -89,11 +111,19 @@ fn worker_never_ready_and_ignoring_term_is_killed() {
 fn port_in_use_is_a_bind_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let z = Zdd::new(&format!("[worker]\ncommand = [\"{{fixture}}\", \"--ready\"]\n{}", listen(port)));
+    let z = Zdd::new(&format!(
+        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\"]\n{}",
+        listen(port)
+    ));
     let o = start_output(&z);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(e.contains(&format!("listener \"http\": bind 127.0.0.1:{port}: address already in use (EADDRINUSE)")), "{e}");
+    assert!(
+        e.contains(&format!(
+            "listener \"http\": bind 127.0.0.1:{port}: address already in use (EADDRINUSE)"
+        )),
+        "{e}"
+    );
     assert!(!e.contains("worker started"), "{e}");
     assert_nothing_left(&z, &o);
 }
@@ -114,9 +144,17 @@ fn later_bind_failure_removes_earlier_unix_socket() {
 #[test]
 fn missing_config_file() {
     let z = Zdd::new("");
-    let o = std::process::Command::new(zdd_bin()).args(["start", "--foreground", "-c"]).arg(z.path("nope.toml")).output().unwrap();
+    let o = std::process::Command::new(zdd_bin())
+        .args(["start", "--foreground", "-c"])
+        .arg(z.path("nope.toml"))
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("nope.toml: cannot read config: No such file or directory"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("nope.toml: cannot read config: No such file or directory"),
+        "{}",
+        stderr(&o)
+    );
     assert!(!z.path("run").exists());
 }
 
@@ -124,9 +162,17 @@ fn missing_config_file() {
 fn unreadable_config_file() {
     let z = Zdd::new("");
     std::fs::create_dir(z.path("dir.toml")).unwrap();
-    let o = std::process::Command::new(zdd_bin()).args(["check", "-c"]).arg(z.path("dir.toml")).output().unwrap();
+    let o = std::process::Command::new(zdd_bin())
+        .args(["check", "-c"])
+        .arg(z.path("dir.toml"))
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("dir.toml: cannot read config: Is a directory"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("dir.toml: cannot read config: Is a directory"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
@@ -135,14 +181,20 @@ fn invalid_config_on_start_exits_2_with_position() {
     let o = start_output(&z);
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
-    assert!(e.contains("app.toml:7:9: worker.count: must be between 1 and 4096"), "{e}");
+    assert!(
+        e.contains("app.toml:7:9: worker.count: must be between 1 and 4096"),
+        "{e}"
+    );
     assert!(!z.path("run").exists());
 }
 
 #[test]
 fn second_master_is_refused() {
     let port = free_port();
-    let mut z = Zdd::spawn(&format!("[worker]\ncommand = [\"{{fixture}}\", \"--ready\"]\n{}", listen(port)));
+    let mut z = Zdd::spawn(&format!(
+        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\"]\n{}",
+        listen(port)
+    ));
     z.wait_ready();
     let o = start_output(&z);
     assert_eq!(o.status.code(), Some(1));
@@ -159,20 +211,32 @@ fn stale_pid_file_is_taken_over() {
     std::fs::create_dir_all(z0.path("run")).unwrap();
     std::fs::write(z0.path("run/app.pid"), "999999\n").unwrap();
     let mut z = z0;
-    z.write_config(&format!("[worker]\ncommand = [\"{{fixture}}\", \"--ready\"]\n{}", listen(free_port())));
+    z.write_config(&format!(
+        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\"]\n{}",
+        listen(free_port())
+    ));
     z.start();
     z.wait_ready();
-    assert_eq!(std::fs::read_to_string(z.path("run/app.pid")).unwrap().trim(), z.pid().to_string());
+    assert_eq!(
+        std::fs::read_to_string(z.path("run/app.pid")).unwrap().trim(),
+        z.pid().to_string()
+    );
     z.stop();
 }
 
 #[test]
 fn unix_path_that_is_not_a_socket_is_never_removed() {
-    let z = Zdd::new("[worker]\ncommand = [\"{fixture}\", \"--ready\"]\n[[listen]]\nname = \"u\"\nunix = \"{dir}/data.txt\"\n");
+    let z = Zdd::new(
+        "[worker]\ncommand = [\"{fixture}\", \"--ready\"]\n[[listen]]\nname = \"u\"\nunix = \"{dir}/data.txt\"\n",
+    );
     std::fs::write(z.path("data.txt"), "precious").unwrap();
     let o = start_output(&z);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("data.txt exists and is not a socket; refusing to remove it"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("data.txt exists and is not a socket; refusing to remove it"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(std::fs::read_to_string(z.path("data.txt")).unwrap(), "precious");
     assert_nothing_left(&z, &o);
 }
@@ -184,7 +248,11 @@ fn stale_unix_socket_is_replaced_but_live_one_is_refused() {
     let live = std::os::unix::net::UnixListener::bind(z.path("u.sock")).unwrap();
     let o = start_output(&z);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("u.sock is in use: another process listens on it"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("u.sock is in use: another process listens on it"),
+        "{}",
+        stderr(&o)
+    );
     assert!(z.path("u.sock").exists(), "a live socket must not be removed");
     // Stale: the listener is gone, the file stays.
     drop(live);
@@ -198,11 +266,16 @@ fn stale_unix_socket_is_replaced_but_live_one_is_refused() {
 
 #[test]
 fn check_accepts_valid_and_rejects_invalid() {
-    let z = Zdd::new(&format!("[worker]\ncommand = [\"/bin/true\"]\ncount = 2\n{}", listen(8080)));
+    let z = Zdd::new(&format!(
+        "[worker]\ncommand = [\"/bin/true\"]\ncount = 2\n{}",
+        listen(8080)
+    ));
     let o = z.command(&["check"]).output().unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("ok (1 listener, 2 workers)"));
-    z.write_config("[worker]\ncommand = [\"/bin/true\"]\n[[listen]]\nname = \"x\"\ntcp = \"127.0.0.1:80\"\nbogus = 1\n");
+    z.write_config(
+        "[worker]\ncommand = [\"/bin/true\"]\n[[listen]]\nname = \"x\"\ntcp = \"127.0.0.1:80\"\nbogus = 1\n",
+    );
     let o = z.command(&["check"]).output().unwrap();
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
@@ -213,6 +286,9 @@ fn check_accepts_valid_and_rejects_invalid() {
 
 #[test]
 fn usage_error_exits_2() {
-    let o = std::process::Command::new(zdd_bin()).arg("frobnicate").output().unwrap();
+    let o = std::process::Command::new(zdd_bin())
+        .arg("frobnicate")
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(2));
 }

@@ -21,7 +21,10 @@ fn http_get(port: u16) -> std::io::Result<String> {
 
 /// The generation in the body of the app's answer.
 fn generation_of(response: &str) -> u64 {
-    assert!(response.starts_with("HTTP/1.") && response.contains(" 200 "), "{response}");
+    assert!(
+        response.starts_with("HTTP/1.") && response.contains(" 200 "),
+        "{response}"
+    );
     response.trim_end().rsplit(' ').next().unwrap().parse().unwrap()
 }
 
@@ -45,7 +48,7 @@ fn gunicorn_serves_and_reloads() {
          start_timeout = \"60s\"\nstop_timeout = \"20s\"\n\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
     ));
     z.wait_ready();
-    assert!(z.log_text().contains(&format!("Listening at: ")), "{}", z.log_text());
+    assert!(z.log_text().contains("Listening at: "), "{}", z.log_text());
     assert_eq!(generation_of(&http_get(port).unwrap()), 1);
     for gen in 2..=3 {
         z.reload(gen as usize - 1);

@@ -30,15 +30,21 @@ fn start_serves_and_stops_cleanly() {
     assert_eq!(gen, 1);
     assert_eq!(z.started_pids(), vec![pid]);
     assert!(z.path("run/app.pid").exists());
-    assert_eq!(std::fs::read_to_string(z.path("run/app.pid")).unwrap().trim(), z.pid().to_string());
+    assert_eq!(
+        std::fs::read_to_string(z.path("run/app.pid")).unwrap().trim(),
+        z.pid().to_string()
+    );
     z.stop();
-    assert!(std::net::TcpStream::connect(addr(port)).is_err(), "listener still open after stop");
+    assert!(
+        std::net::TcpStream::connect(addr(port)).is_err(),
+        "listener still open after stop"
+    );
 }
 
 #[test]
 fn worker_receives_exactly_the_listeners_and_environment() {
     let port = free_port();
-    let mut z = Zdd::new(&format!(
+    let z = Zdd::new(&format!(
         "[worker]\ncommand = [\"{{fixture}}\", \"--ready\"]\nenv = {{ FIXTURE_ENV = \"yes\" }}\ncwd = \"{{dir}}\"\n\n\
          [[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n\n\
          [[listen]]\nname = \"v6\"\ntcp = \"[::1]:0\"\n\n\
@@ -46,22 +52,38 @@ fn worker_receives_exactly_the_listeners_and_environment() {
     ));
     let mut cmd_env_dirty = z;
     // Variables the master inherited from "systemd" must not reach the worker.
-    cmd_env_dirty.start_with_env(&[("LISTEN_FDS", "7"), ("LISTEN_PID", "1"), ("NOTIFY_SOCKET", "/nonexistent"), ("WATCHDOG_USEC", "5")]);
+    cmd_env_dirty.start_with_env(&[
+        ("LISTEN_FDS", "7"),
+        ("LISTEN_PID", "1"),
+        ("NOTIFY_SOCKET", "/nonexistent"),
+        ("WATCHDOG_USEC", "5"),
+    ]);
     let z = &mut cmd_env_dirty;
     z.wait_ready();
     let pid = z.started_pids()[0];
     let r = z.report(pid);
     let fds: BTreeMap<String, String> = serde_json::from_value(r["fds"].clone()).unwrap();
-    let numbers: Vec<i32> = fds.keys().map(|k| k.parse().unwrap()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let numbers: Vec<i32> = fds
+        .keys()
+        .map(|k| k.parse().unwrap())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     // 0-2, the three listeners, and the one read_dir itself opened while listing.
     assert_eq!(&numbers[..6], &[0, 1, 2, 3, 4, 5], "{fds:?}");
     assert_eq!(numbers.len(), 7, "unexpected fds: {fds:?}");
-    assert!(fds["6"].contains("/proc/"), "extra fd is not the fixture's own listing: {fds:?}");
+    assert!(
+        fds["6"].contains("/proc/"),
+        "extra fd is not the fixture's own listing: {fds:?}"
+    );
     for fd in ["3", "4", "5"] {
         assert!(fds[fd].starts_with("socket:"), "fd {fd}: {fds:?}");
     }
     assert_eq!(fds["0"], "/dev/null");
-    assert!(fds["1"].starts_with("pipe:") && fds["2"].starts_with("pipe:"), "{fds:?}");
+    assert!(
+        fds["1"].starts_with("pipe:") && fds["2"].starts_with("pipe:"),
+        "{fds:?}"
+    );
     let env = &r["env"];
     assert_eq!(env["LISTEN_FDS"], "3");
     assert_eq!(env["LISTEN_PID"], pid.to_string());
@@ -120,9 +142,20 @@ fn reload_starts_new_generation_and_stops_old_only_after_ready() {
     assert_eq!(exited["pid"], old_pid);
     assert_eq!(exited["status"], "exited with status 0");
     // Order in the log: new worker ready, then reload complete, then old worker exits.
-    let msgs: Vec<String> = z.records().iter().map(|r| format!("{} {}", r["msg"].as_str().unwrap(), r["pid"])).collect();
-    let pos = |m: &str| msgs.iter().position(|x| x == m).unwrap_or_else(|| panic!("{m} not in {msgs:?}"));
-    assert!(pos(&format!("worker ready {new_pid}")) < pos(&format!("worker exited {old_pid}")), "{msgs:?}");
+    let msgs: Vec<String> = z
+        .records()
+        .iter()
+        .map(|r| format!("{} {}", r["msg"].as_str().unwrap(), r["pid"]))
+        .collect();
+    let pos = |m: &str| {
+        msgs.iter()
+            .position(|x| x == m)
+            .unwrap_or_else(|| panic!("{m} not in {msgs:?}"))
+    };
+    assert!(
+        pos(&format!("worker ready {new_pid}")) < pos(&format!("worker exited {old_pid}")),
+        "{msgs:?}"
+    );
     // Kept listener: the very same socket object in both generations.
     assert_eq!(socket_of(&z.report(old_pid), 3), socket_of(&z.report(new_pid), 3));
     z.stop();
@@ -139,7 +172,10 @@ fn reload_with_invalid_config_changes_nothing() {
     z.signal(Signal::SIGHUP);
     let failed = z.wait_msg_containing("reload failed: invalid config");
     let msg = failed["msg"].as_str().unwrap();
-    assert!(msg.contains("app.toml:") && msg.contains("unknown field `stop_timout`"), "{msg}");
+    assert!(
+        msg.contains("app.toml:") && msg.contains("unknown field `stop_timout`"),
+        "{msg}"
+    );
     assert_eq!(ask(addr(port)).unwrap(), before);
     assert_eq!(z.started_pids().len(), 1);
     // A good file afterwards reloads normally.
@@ -162,7 +198,11 @@ fn reload_failure_keeps_old_generation_and_reports_status_and_last_lines() {
     let msg = failed["msg"].as_str().unwrap();
     assert!(msg.contains("exited with status 3 during start-up"), "{msg}");
     z.wait_msg("still serving");
-    let tail: Vec<String> = z.records().iter().filter_map(|r| r["msg"].as_str().filter(|m| m.starts_with("  | ")).map(String::from)).collect();
+    let tail: Vec<String> = z
+        .records()
+        .iter()
+        .filter_map(|r| r["msg"].as_str().filter(|m| m.starts_with("  | ")).map(String::from))
+        .collect();
     assert_eq!(tail.last().map(String::as_str), Some("  | err line 3"), "{tail:?}");
     assert_eq!(ask(addr(port)).unwrap(), before, "old generation must keep serving");
     z.stop();
@@ -177,10 +217,18 @@ fn reload_failure_on_start_timeout_kills_new_worker() {
     z.write_config(&fixture_config(port, &["--serve"], "start_timeout = \"500ms\""));
     z.signal(Signal::SIGHUP);
     let failed = z.wait_msg_containing("reload failed: ");
-    assert!(failed["msg"].as_str().unwrap().contains("did not become ready within 500ms"), "{failed}");
+    assert!(
+        failed["msg"]
+            .as_str()
+            .unwrap()
+            .contains("did not become ready within 500ms"),
+        "{failed}"
+    );
     let pids = z.started_pids();
     let new_pid = pids[1];
-    wait_for("the unready worker to be killed", DEADLINE, || (!alive(new_pid)).then_some(()));
+    wait_for("the unready worker to be killed", DEADLINE, || {
+        (!alive(new_pid)).then_some(())
+    });
     assert_eq!(ask(addr(port)).unwrap(), before);
     z.stop();
 }
@@ -205,7 +253,11 @@ fn reload_diffs_listeners_by_name() {
     let second = z.started_pids()[1];
     let r = z.report(second);
     assert_eq!(r["env"]["LISTEN_FDNAMES"], "b:sock");
-    assert_eq!(socket_of(&r, 4), sock_before, "unix listener kept by name must be the same socket");
+    assert_eq!(
+        socket_of(&r, 4),
+        sock_before,
+        "unix listener kept by name must be the same socket"
+    );
     assert_eq!(ask(addr(p2)).unwrap().0, second);
     assert_eq!(ask_unix(&z.path("s.sock")).unwrap().0, second);
     use std::os::unix::fs::PermissionsExt;
@@ -213,7 +265,9 @@ fn reload_diffs_listeners_by_name() {
     assert_eq!(mode, 0o666, "mode change applies in place");
     // The removed listener closes once the old worker is gone.
     wait_for("old worker gone", DEADLINE, || (!alive(first)).then_some(()));
-    wait_for("listener a closed", DEADLINE, || std::net::TcpStream::connect(addr(p1)).is_err().then_some(()));
+    wait_for("listener a closed", DEADLINE, || {
+        std::net::TcpStream::connect(addr(p1)).is_err().then_some(())
+    });
     z.stop();
     assert!(!z.path("s.sock").exists());
 }
@@ -251,7 +305,11 @@ fn crashing_worker_restarts_with_exponential_backoff() {
 #[test]
 fn restart_policy_never_stops_master_when_last_worker_exits() {
     let port = free_port();
-    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--exit-after", "50", "0"], "restart = \"never\""));
+    let mut z = Zdd::spawn(&fixture_config(
+        port,
+        &["--ready", "--exit-after", "50", "0"],
+        "restart = \"never\"",
+    ));
     let st = z.wait_exit();
     assert_eq!(st.code(), Some(0), "{}", z.log_text());
     assert_eq!(z.started_pids().len(), 1);
@@ -261,10 +319,18 @@ fn restart_policy_never_stops_master_when_last_worker_exits() {
 #[test]
 fn restart_policy_on_failure_ignores_clean_exit_but_restarts_failure() {
     let port = free_port();
-    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--exit-after", "50", "0"], "restart = \"on-failure\""));
+    let mut z = Zdd::spawn(&fixture_config(
+        port,
+        &["--ready", "--exit-after", "50", "0"],
+        "restart = \"on-failure\"",
+    ));
     assert_eq!(z.wait_exit().code(), Some(0));
     z.assert_clean();
-    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--exit-after", "50", "2"], "restart = \"on-failure\""));
+    let mut z = Zdd::spawn(&fixture_config(
+        port,
+        &["--ready", "--exit-after", "50", "2"],
+        "restart = \"on-failure\"",
+    ));
     z.wait_msg_n("worker exited unexpectedly; restarting", 2);
     z.stop();
 }
@@ -272,7 +338,10 @@ fn restart_policy_on_failure_ignores_clean_exit_but_restarts_failure() {
 #[test]
 fn stop_kills_worker_that_ignores_term_after_stop_timeout() {
     let port = free_port();
-    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--ignore-term"], "").replace("stop_timeout = \"10s\"", "stop_timeout = \"300ms\""));
+    let mut z = Zdd::spawn(
+        &fixture_config(port, &["--ready", "--ignore-term"], "")
+            .replace("stop_timeout = \"10s\"", "stop_timeout = \"300ms\""),
+    );
     z.wait_ready();
     z.stop();
     let exited = z.records_with("worker exited");
@@ -282,7 +351,10 @@ fn stop_kills_worker_that_ignores_term_after_stop_timeout() {
 #[test]
 fn second_stop_signal_kills_at_once() {
     let port = free_port();
-    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--ignore-term"], "").replace("stop_timeout = \"10s\"", "stop_timeout = \"1h\""));
+    let mut z = Zdd::spawn(
+        &fixture_config(port, &["--ready", "--ignore-term"], "")
+            .replace("stop_timeout = \"10s\"", "stop_timeout = \"1h\""),
+    );
     z.wait_ready();
     z.signal(Signal::SIGTERM);
     z.wait_msg("stopping");
@@ -295,7 +367,11 @@ fn second_stop_signal_kills_at_once() {
 #[test]
 fn log_relay_loses_no_line_and_keeps_order() {
     let port = free_port();
-    let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--lines", "100000"], "restart = \"never\""));
+    let mut z = Zdd::spawn(&fixture_config(
+        port,
+        &["--ready", "--lines", "100000"],
+        "restart = \"never\"",
+    ));
     assert_eq!(z.wait_exit().code(), Some(0));
     let pid = z.started_pids()[0];
     let lines: Vec<String> = z
@@ -312,7 +388,11 @@ fn log_relay_loses_no_line_and_keeps_order() {
 
 #[test]
 fn shell_worker_can_use_systemd_notify() {
-    if std::process::Command::new("systemd-notify").arg("--version").output().is_err() {
+    if std::process::Command::new("systemd-notify")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIP: systemd-notify not installed (Debian package systemd)");
         return;
     }
@@ -328,7 +408,11 @@ fn shell_worker_can_use_systemd_notify() {
 #[test]
 fn ready_delay_counts_as_ready_after_the_delay() {
     let port = free_port();
-    let mut z = Zdd::spawn(&fixture_config(port, &["--serve"], "ready = \"delay\"\nready_delay = \"200ms\""));
+    let mut z = Zdd::spawn(&fixture_config(
+        port,
+        &["--serve"],
+        "ready = \"delay\"\nready_delay = \"200ms\"",
+    ));
     z.wait_ready();
     assert_eq!(ask(addr(port)).unwrap().1, 1);
     z.stop();

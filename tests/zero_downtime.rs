@@ -49,11 +49,22 @@ fn twenty_reloads_under_load_lose_no_connection() {
     stop.store(true, Ordering::SeqCst);
     let requests: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
     let failures = failures.lock().unwrap();
-    assert!(failures.is_empty(), "{} of {requests} connections failed: {:?}", failures.len(), &failures[..failures.len().min(10)]);
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} connections failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
     let seen = seen.lock().unwrap();
     let generations: BTreeSet<u64> = seen.iter().map(|(g, _)| *g).collect();
-    assert!(generations.len() >= 10, "answers came from only {generations:?} over {requests} requests");
+    assert!(
+        generations.len() >= 10,
+        "answers came from only {generations:?} over {requests} requests"
+    );
     assert!(seen.iter().map(|(_, p)| p).collect::<BTreeSet<_>>().len() >= 20);
-    eprintln!("{requests} requests, 0 failed, {} generations answered", generations.len());
+    eprintln!(
+        "{requests} requests, 0 failed, {} generations answered",
+        generations.len()
+    );
     z.stop();
 }

@@ -20,7 +20,11 @@ pub fn zdd_bin() -> PathBuf {
 /// The fixture worker, built as an example next to the binary.
 pub fn fixture() -> PathBuf {
     let p = zdd_bin().parent().unwrap().join("examples/fixture_worker");
-    assert!(p.exists(), "{} missing: build with `cargo build --examples` (cargo test does)", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: build with `cargo build --examples` (cargo test does)",
+        p.display()
+    );
     p
 }
 
@@ -154,7 +158,10 @@ impl Zdd {
 
     /// Every JSON record of the master's log (non-JSON lines are skipped).
     pub fn records(&self) -> Vec<Value> {
-        self.log_text().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     pub fn records_with(&self, msg: &str) -> Vec<Value> {
@@ -189,11 +196,18 @@ impl Zdd {
     pub fn wait_msg_containing(&mut self, needle: &str) -> Value {
         let end = Instant::now() + DEADLINE;
         loop {
-            if let Some(r) = self.records().into_iter().find(|r| r["msg"].as_str().is_some_and(|m| m.contains(needle))) {
+            if let Some(r) = self
+                .records()
+                .into_iter()
+                .find(|r| r["msg"].as_str().is_some_and(|m| m.contains(needle)))
+            {
                 return r;
             }
             if Instant::now() > end {
-                panic!("timed out waiting for a log message containing {needle:?}; log:\n{}", self.log_text());
+                panic!(
+                    "timed out waiting for a log message containing {needle:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -245,25 +259,36 @@ impl Zdd {
 
     /// Worker pids that zdd logged as started.
     pub fn started_pids(&self) -> Vec<i32> {
-        self.records_with("worker started").iter().map(|r| r["pid"].as_i64().unwrap() as i32).collect()
+        self.records_with("worker started")
+            .iter()
+            .map(|r| r["pid"].as_i64().unwrap() as i32)
+            .collect()
     }
 
     /// No runtime files (pid file, sockets) left in `run/`, and no worker alive.
     pub fn assert_clean(&self) {
         let run = self.path("run");
         if run.exists() {
-            let left: Vec<_> = std::fs::read_dir(&run).unwrap().flatten().map(|e| e.file_name()).collect();
+            let left: Vec<_> = std::fs::read_dir(&run)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
             assert!(left.is_empty(), "left behind in run/: {left:?}");
         }
         for pid in self.started_pids() {
-            wait_for(&format!("worker {pid} to be gone"), DEADLINE, || (!alive(pid)).then_some(()));
+            wait_for(&format!("worker {pid} to be gone"), DEADLINE, || {
+                (!alive(pid)).then_some(())
+            });
         }
     }
 
     /// The fixture's report for `pid`.
     pub fn report(&self, pid: i32) -> Value {
         let p = self.reports().join(format!("report-{pid}.json"));
-        let text = wait_for(&format!("report of {pid}"), DEADLINE, || std::fs::read_to_string(&p).ok());
+        let text = wait_for(&format!("report of {pid}"), DEADLINE, || {
+            std::fs::read_to_string(&p).ok()
+        });
         serde_json::from_str(&text).unwrap()
     }
 }
@@ -276,7 +301,8 @@ impl Drop for Zdd {
                 let _ = c.kill();
                 let _ = c.wait();
                 for pid in pids {
-                    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    let _ =
+                        nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                 }
             }
         }

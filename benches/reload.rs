@@ -1,0 +1,119 @@
+//! `cargo bench --bench reload`: reload round trip, master RSS and fd count around 1,000
+//! reloads. Prints numbers; asserts nothing (see docs/benchmarks.md for measured values).
+//!
+//! The worker is the test fixture (`examples/fixture_worker`), which sends READY=1 at once.
+//! A reload's round trip is the time from SIGHUP to the master's "reload complete" record on
+//! its stderr, read through a pipe.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn build_fixture() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["build", "--release", "--example", "fixture_worker"])
+        .status()
+        .expect("cargo build");
+    assert!(st.success());
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_zdd"));
+    exe.parent().unwrap().join("examples/fixture_worker")
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let reloads: usize = std::env::var("ZDD_BENCH_RELOADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let fixture = build_fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[master]\nlog_format = \"json\"\ncontrol_socket = \"run/bench.sock\"\n\
+             [worker]\ncommand = [\"{}\", \"--ready\"]\nstop_timeout = \"10s\"\n\
+             [[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n",
+            fixture.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zdd"))
+        .args(["start", "--foreground", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut wait_for = |msg: &str, generation: Option<u64>| loop {
+        let line = lines.next().expect("master exited").unwrap();
+        let v: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if v["msg"] == msg && generation.is_none_or(|g| v["generation"] == g) {
+            return;
+        }
+        if v["msg"].as_str().is_some_and(|m| m.starts_with("reload failed")) {
+            panic!("{line}");
+        }
+    };
+    wait_for("ready", None);
+    // Let the first worker settle, then take the baseline.
+    let (rss0, fds0) = (rss_kib(pid), fd_count(pid));
+    let mut times = Vec::with_capacity(reloads);
+    let hup = nix::sys::signal::Signal::SIGHUP;
+    let master = nix::unistd::Pid::from_raw(pid as i32);
+    let mut rss_warm = rss0;
+    for i in 0..reloads {
+        if i == reloads / 10 {
+            rss_warm = rss_kib(pid);
+        }
+        let t0 = Instant::now();
+        nix::sys::signal::kill(master, hup).unwrap();
+        wait_for("reload complete", None);
+        times.push(t0.elapsed());
+    }
+    // Let the last old generation exit before measuring.
+    wait_for("worker exited", Some(reloads as u64));
+    let (rss1, fds1) = (rss_kib(pid), fd_count(pid));
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!("reloads: {reloads} (worker ready at once, via SIGHUP)");
+    println!(
+        "reload round trip: median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(percentile(&times, 0.5)),
+        ms(percentile(&times, 0.9)),
+        ms(percentile(&times, 0.99)),
+        ms(*times.last().unwrap())
+    );
+    println!(
+        "master RSS: {rss0} KiB after start, {rss_warm} KiB after {} reloads, {rss1} KiB after {reloads}",
+        reloads / 10
+    );
+    println!("master fds: {fds0} before, {fds1} after");
+    nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGTERM).unwrap();
+    child.wait().unwrap();
+}
