@@ -431,3 +431,22 @@ fn count_workers_all_share_the_socket() {
     assert_eq!(z.started_pids().len(), 6);
     z.stop();
 }
+
+#[test]
+fn unix_listener_gets_owner_and_group() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP unix_listener_gets_owner_and_group: needs root to chown");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let mut z = Zdd::spawn(
+        "[worker]\ncommand = [\"{fixture}\", \"--ready\"]\n[[listen]]\nname = \"u\"\nunix = \"{dir}/u.sock\"\nmode = \"0660\"\nowner = \"nobody\"\ngroup = \"nogroup\"\n",
+    );
+    z.wait_ready();
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(z.path("u.sock")).unwrap();
+    assert_eq!(meta.uid(), nobody.uid.as_raw());
+    assert_eq!(meta.gid(), nix::unistd::Group::from_name("nogroup").unwrap().unwrap().gid.as_raw());
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    z.stop();
+}
