@@ -1,7 +1,8 @@
-//! The command line, as clap definitions. Shell completions and the man page are generated
-//! from these same definitions.
+//! The command line, as clap definitions. Shell completions (`zdd completions SHELL`) and the
+//! man page (`zdd man`) are generated from these same definitions.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -10,16 +11,19 @@ use clap::{Parser, Subcommand};
     name = "zdd",
     version,
     about = "Zero-downtime restarts for any server: a master keeps the listening sockets, workers come and go",
-    after_help = "Signals to the master: HUP reload, TERM/INT graceful stop (a second one kills at once), USR1 reopen logs."
+    after_help = "Signals to the master: HUP reload, TERM/INT graceful stop (a second one kills at once), \
+                  USR1 reopen logs.\nExit codes: 0 success, 1 action failed, 2 usage or config error, 3 master not running."
 )]
 pub struct Cli {
-    /// Config file
+    /// Config file [default: $ZDD_CONFIG, else ./zdd.toml]
     #[arg(
         short = 'c',
         long = "config",
         global = true,
         env = "ZDD_CONFIG",
         default_value = "zdd.toml",
+        hide_default_value = true,
+        hide_env = true,
         value_name = "FILE"
     )]
     pub config: PathBuf,
@@ -28,14 +32,48 @@ pub struct Cli {
     pub command: Command,
 }
 
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Start the master; returns once the first workers are ready
     Start {
-        /// Stay in the foreground (for systemd Type=notify, containers and terminals)
+        /// Stay in the foreground (systemd Type=notify, containers, terminals)
         #[arg(long)]
         foreground: bool,
     },
+    /// Re-read the config and replace the workers; returns when the new generation serves
+    Reload {
+        /// Reload only if generation N is the one serving
+        #[arg(long, value_name = "N")]
+        if_generation: Option<u64>,
+        /// Give up waiting after this long (the reload itself goes on)
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        timeout: Option<Duration>,
+    },
+    /// Stop gracefully; returns when the master has exited
+    Stop {
+        /// Give up waiting after this long ("90s", "2m")
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        timeout: Option<Duration>,
+    },
+    /// Show the master, its generation, workers and listeners
+    Status {
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate the config without touching a running master (like nginx -t)
     Check,
+    /// Reopen the log file (for logrotate)
+    ReopenLogs,
+    /// Print a shell completion script
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff)
+    Man,
 }

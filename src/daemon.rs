@@ -99,6 +99,23 @@ impl PidFile {
     }
 }
 
+impl PidFile {
+    /// Write the current pid again (after daemonizing, which changes it).
+    pub fn rewrite(&mut self) -> Result<(), PidFileError> {
+        let io = |op: &'static str| {
+            let path = self.path.display().to_string();
+            move |e: std::io::Error| PidFileError::Io {
+                path,
+                op,
+                msg: describe_io(&e),
+            }
+        };
+        self.file.set_len(0).map_err(io("truncate"))?;
+        self.file.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
+        writeln!(self.file, "{}", std::process::id()).map_err(io("write"))
+    }
+}
+
 impl Drop for PidFile {
     fn drop(&mut self) {
         // Remove the file only while it is still ours, and while we still hold the lock.
@@ -131,5 +148,88 @@ mod tests {
         assert!(!path.exists());
         let again = PidFile::acquire(&path).unwrap();
         drop(again);
+    }
+}
+
+/// `zdd start` without `--foreground`.
+///
+/// Everything that can fail on the operator's terminal happens before detaching: the config is
+/// read, the pid file locked, the notify and control sockets and every listener bound. Then
+/// the process daemonizes (daemonize crate: fork, setsid, fork) and the invoking process waits
+/// on a pipe until the master reports `ready` (exit 0) or `failed <reason>` (exit 1). It never
+/// returns 0 for a master that dies during start-up: EOF without a report is a failure too.
+pub fn start_daemon(config_path: &Path) -> Result<u8, crate::master::StartError> {
+    use crate::master::{Master, StartError};
+    use std::io::{BufRead, BufReader};
+
+    let config = crate::config::load(config_path)?;
+    // The master re-reads its config on reload, from wherever its cwd is then.
+    let abs = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
+    let config = crate::config::Config { path: abs, ..config };
+    let stderr_is_file = nix::sys::stat::fstat(2).is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG);
+    let discard_log = matches!(config.master.log, crate::config::LogTarget::Stderr) && !stderr_is_file;
+    let (log, sink) = crate::log::build(&config.master.log, config.master.log_format)
+        .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;
+    let mut master = Master::start(config, log, sink)?;
+    let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| StartError::Other(format!("pipe: {}", describe(e))))?;
+    // SAFETY: umask only reads and restores this process's file-creation mask.
+    let umask = unsafe {
+        let m = nix::libc::umask(0o022);
+        nix::libc::umask(m);
+        m
+    };
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let stderr = if discard_log {
+        daemonize::Stdio::devnull()
+    } else {
+        daemonize::Stdio::keep()
+    };
+    let outcome = daemonize::Daemonize::new()
+        .working_directory(cwd)
+        .umask(umask as u32)
+        .stdout(daemonize::Stdio::devnull())
+        .stderr(stderr)
+        .execute();
+    match outcome {
+        daemonize::Outcome::Parent(Ok(_)) => {
+            drop(report_w);
+            // The daemon owns the pid file and sockets now: nothing of them is ours to remove.
+            std::mem::forget(master);
+            let mut line = String::new();
+            let _ = BufReader::new(File::from(report_r)).read_line(&mut line);
+            if discard_log {
+                eprintln!(
+                    "zdd: warning: [master] log = \"stderr\" and stderr is not a file: the daemon's log is discarded \
+                     (set [master] log to a file, or use --foreground)"
+                );
+            }
+            let line = line.trim_end();
+            if let Some(rest) = line.strip_prefix("ready ") {
+                println!("zdd: started: {rest}");
+                Ok(0)
+            } else if let Some(reason) = line.strip_prefix("failed ") {
+                Err(StartError::Other(format!("start failed: {reason}")))
+            } else {
+                Err(StartError::Other("start failed: the master exited during start-up without a report".into()))
+            }
+        }
+        daemonize::Outcome::Parent(Err(e)) => Err(StartError::Other(format!("daemonize: {e}"))),
+        daemonize::Outcome::Child(Ok(_)) => {
+            drop(report_r);
+            let mut report = File::from(report_w);
+            if let Err(e) = master.daemonized(report.try_clone().unwrap_or_else(|_| std::process::exit(1))) {
+                let _ = writeln!(report, "failed {e}");
+                std::process::exit(1);
+            }
+            drop(report);
+            std::process::exit(master.run())
+        }
+        daemonize::Outcome::Child(Err(e)) => {
+            let mut report = File::from(report_w);
+            let _ = writeln!(report, "failed daemonize: {e}");
+            drop(master);
+            std::process::exit(1)
+        }
     }
 }

@@ -5,7 +5,9 @@
 //! running).
 
 mod cli;
+mod client;
 mod config;
+mod control;
 mod daemon;
 mod errno;
 mod listen;
@@ -16,11 +18,14 @@ mod relay;
 mod spawn;
 mod worker;
 
+use std::io::Write;
 use std::process::ExitCode;
+use std::time::Instant;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use cli::{Cli, Command};
+use control::Request;
 
 /// An error with the exit code it maps to.
 struct Failure {
@@ -35,32 +40,115 @@ fn fail(code: u8, message: impl ToString) -> Failure {
     }
 }
 
+impl From<client::ClientError> for Failure {
+    fn from(e: client::ClientError) -> Failure {
+        fail(e.exit_code(), e)
+    }
+}
+
+impl From<master::StartError> for Failure {
+    fn from(e: master::StartError) -> Failure {
+        match e {
+            master::StartError::Config(_) => fail(2, e),
+            e => fail(1, e),
+        }
+    }
+}
+
+/// Print to stdout; a closed stdout (`zdd status | head -1`) is not an error.
+fn out(text: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_all(text.as_bytes()).and_then(|_| o.flush());
+}
+
+fn progress(message: &str) {
+    out(&format!("zdd: {message}\n"));
+}
+
+fn load(cli: &Cli) -> Result<config::Config, Failure> {
+    config::load(&cli.config).map_err(|e| fail(2, e))
+}
+
 fn run(cli: Cli) -> Result<u8, Failure> {
-    match cli.command {
+    match &cli.command {
         Command::Check => {
-            let c = config::load(&cli.config).map_err(|e| fail(2, e))?;
-            println!(
-                "{}: ok ({} listener{}, {} worker{})",
+            let c = load(&cli)?;
+            let plural = |n: usize| if n == 1 { "" } else { "s" };
+            out(&format!(
+                "{}: ok ({} listener{}, {} worker{})\n",
                 cli.config.display(),
                 c.listen.len(),
-                if c.listen.len() == 1 { "" } else { "s" },
+                plural(c.listen.len()),
                 c.worker.count,
-                if c.worker.count == 1 { "" } else { "s" },
-            );
+                plural(c.worker.count),
+            ));
             Ok(0)
         }
-        Command::Start { foreground } => {
-            if !foreground {
-                return Err(fail(
-                    2,
-                    "daemon mode is not available in this build; run `zdd start --foreground`",
-                ));
+        Command::Start { foreground: true } => Ok(master::run_foreground(&cli.config)? as u8),
+        Command::Start { foreground: false } => Ok(daemon::start_daemon(&cli.config)?),
+        Command::Reload { if_generation, timeout } => {
+            let c = load(&cli)?;
+            let req = Request::Reload {
+                if_generation: *if_generation,
+            };
+            let o = client::call(&c.master, &req, *timeout, progress)?;
+            if o.ok {
+                progress(&o.message);
+                return Ok(0);
             }
-            match master::run_foreground(&cli.config) {
-                Ok(code) => Ok(code as u8),
-                Err(e @ master::StartError::Config(_)) => Err(fail(2, e)),
-                Err(e) => Err(fail(1, e)),
+            let mut msg = o.message;
+            for line in o.data["tail"].as_array().into_iter().flatten() {
+                msg.push_str(&format!("\n  | {}", line.as_str().unwrap_or_default()));
             }
+            Err(fail(1, msg))
+        }
+        Command::Stop { timeout } => {
+            let c = load(&cli)?;
+            let deadline = timeout.map(|t| Instant::now() + t);
+            let o = client::call(&c.master, &Request::Stop {}, *timeout, progress)?;
+            if !o.ok {
+                return Err(fail(1, o.message));
+            }
+            let pid = o.data["pid"].as_i64().unwrap_or(0) as i32;
+            client::wait_gone(o.reader, pid, deadline)?;
+            progress(&o.message);
+            Ok(0)
+        }
+        Command::Status { json } => {
+            let c = load(&cli)?;
+            let o = client::call(&c.master, &Request::Status {}, Some(std::time::Duration::from_secs(30)), |_| {})?;
+            if !o.ok {
+                return Err(fail(1, o.message));
+            }
+            if *json {
+                out(&format!("{}\n", o.data));
+            } else {
+                out(&client::format_status(&o.data));
+            }
+            Ok(0)
+        }
+        Command::ReopenLogs => {
+            let c = load(&cli)?;
+            let o = client::call(&c.master, &Request::ReopenLogs {}, Some(std::time::Duration::from_secs(30)), |_| {})?;
+            if !o.ok {
+                return Err(fail(1, o.message));
+            }
+            progress(&o.message);
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "zdd", &mut buf);
+            out(&String::from_utf8_lossy(&buf));
+            Ok(0)
+        }
+        Command::Man => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut buf)
+                .map_err(|e| fail(1, e))?;
+            out(&String::from_utf8_lossy(&buf));
+            Ok(0)
         }
     }
 }

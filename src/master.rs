@@ -19,16 +19,19 @@ use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
+use serde_json::{json, Value};
 use slog::{debug, error, info, warn, Logger};
 
 use crate::config::{self, Config, Restart};
+use crate::control::{ControlServer, Conn, Input, Reply, Request, Waiting};
 use crate::daemon::{ensure_parent, PidFile};
 use crate::errno::describe_io;
 use crate::listen::Listener;
@@ -53,6 +56,8 @@ pub enum StartError {
     Listen(#[from] crate::listen::ListenError),
     #[error(transparent)]
     Notify(#[from] crate::notify::NotifyError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
     #[error("{0}")]
     Other(String),
 }
@@ -154,7 +159,17 @@ pub struct Master {
     orphan_pipes: Vec<(Pid, u64, Pipe)>,
     signals: Signals,
     notify: NotifyServer,
-    _pid_file: PidFile,
+    pid_file: PidFile,
+    control: ControlServer,
+    started_at: Instant,
+    started_wall: SystemTime,
+    /// Reload attempts started so far; control clients wait for a given attempt's outcome.
+    attempt: u64,
+    /// `zdd start` (daemon mode) waits on this pipe for the first generation's outcome.
+    start_report: Option<std::fs::File>,
+    /// Declared last, so dropped last: a `zdd stop` client sees EOF only after the sockets
+    /// and pid file are gone.
+    conns: Vec<Conn>,
 }
 
 /// Tail lines of a worker for a failure report.
@@ -183,11 +198,15 @@ impl Master {
             ))
         })?;
         let signals = Signals::install().map_err(|e| StartError::Other(format!("installing signal handlers: {e}")))?;
-        // SAFETY: prctl with integer arguments only.
-        unsafe {
-            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-        }
         let notify = NotifyServer::bind(&m.notify_socket, config.worker.credentials.as_ref().map(|c| c.uid))?;
+        ensure_parent(&m.control_socket).map_err(|e| {
+            StartError::Other(format!(
+                "create directory for {}: {}",
+                m.control_socket.display(),
+                describe_io(&e)
+            ))
+        })?;
+        let control = ControlServer::bind(&m.control_socket)?;
         let mut listeners = Vec::with_capacity(config.listen.len());
         for lc in &config.listen {
             let l = Listener::bind(lc)?;
@@ -211,12 +230,23 @@ impl Master {
             orphan_pipes: Vec::new(),
             signals,
             notify,
-            _pid_file: pid_file,
+            pid_file,
+            control,
+            started_at: Instant::now(),
+            started_wall: SystemTime::now(),
+            attempt: 0,
+            start_report: None,
+            conns: Vec::new(),
         })
     }
 
     /// Run until stopped; returns the process exit code.
     pub fn run(mut self) -> i32 {
+        // SAFETY: prctl with integer arguments only. Per process, so set here, after any
+        // daemonizing fork.
+        unsafe {
+            libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        }
         info!(self.log, "starting"; "workers" => self.config.worker.count, "generation" => 1, "pid" => std::process::id());
         self.slots = vec![Slot::default(); self.config.worker.count];
         self.spawn_generation(Rc::clone(&self.config), self.listeners.clone(), 1);
@@ -231,6 +261,7 @@ impl Master {
             }
             self.reap();
             self.read_notify();
+            self.serve_control(&ready);
             self.pump_pipes(&ready);
             self.tick(Instant::now());
         }
@@ -241,7 +272,34 @@ impl Master {
             });
         }
         info!(self.log, "stopped"; "exit_code" => self.exit_code);
+        self.report_start(Err("the master stopped during start-up".into()));
+        let pid = std::process::id();
+        for c in self.conns.iter_mut().filter(|c| c.waiting == Some(Waiting::Stop)) {
+            c.send_final(&Reply::ok(format!("master pid {pid} stopped"), json!({ "pid": pid })));
+        }
         self.exit_code
+    }
+
+    /// Daemon mode: after the fork, record the new pid and where to report the start-up.
+    pub fn daemonized(&mut self, report: std::fs::File) -> Result<(), StartError> {
+        self.pid_file.rewrite().map_err(|e| StartError::Other(e.to_string()))?;
+        self.start_report = Some(report);
+        Ok(())
+    }
+
+    /// Tell a waiting `zdd start` how the start-up went (once).
+    fn report_start(&mut self, outcome: Result<(), String>) {
+        let Some(mut f) = self.start_report.take() else { return };
+        let line = match outcome {
+            Ok(()) => format!(
+                "ready pid {} generation {} workers {}\n",
+                std::process::id(),
+                self.generation,
+                self.config.worker.count
+            ),
+            Err(e) => format!("failed {}\n", e.replace('\n', "\n  ")),
+        };
+        let _ = f.write_all(line.as_bytes());
     }
 
     fn spawn_worker(
@@ -279,6 +337,7 @@ impl Master {
                 ready_at,
             },
             started: now,
+            started_wall: SystemTime::now(),
             stop_signal: config.worker.stop_signal,
             stop_timeout: config.worker.stop_timeout,
             pipes: vec![
@@ -295,22 +354,37 @@ impl Master {
     /// Wait for something to do. Returns the fds that are readable.
     fn poll(&mut self) -> Vec<RawFd> {
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(2 + 2 * self.workers.len());
-        let mut add = |fd: RawFd| {
+        let add = |fds: &mut Vec<libc::pollfd>, fd: RawFd| {
             fds.push(libc::pollfd {
                 fd,
                 events: libc::POLLIN,
                 revents: 0,
             })
         };
-        add(self.signals.wake_r.as_raw_fd());
-        add(self.notify.raw_fd());
+        add(&mut fds, self.signals.wake_r.as_raw_fd());
+        add(&mut fds, self.notify.raw_fd());
+        add(&mut fds, self.control.raw_fd());
+        for c in &self.conns {
+            let mut events = 0;
+            if c.wants_read() {
+                events |= libc::POLLIN;
+            }
+            if c.wants_write() {
+                events |= libc::POLLOUT;
+            }
+            fds.push(libc::pollfd {
+                fd: c.raw_fd(),
+                events,
+                revents: 0,
+            });
+        }
         for w in &self.workers {
             for p in w.pipes.iter().filter(|p| !p.is_eof()) {
-                add(p.raw_fd());
+                add(&mut fds, p.raw_fd());
             }
         }
         for (_, _, p) in &self.orphan_pipes {
-            add(p.raw_fd());
+            add(&mut fds, p.raw_fd());
         }
         let timeout = self.next_deadline().map_or(-1, |d| {
             let left = d.saturating_duration_since(Instant::now());
@@ -330,12 +404,13 @@ impl Master {
     fn next_deadline(&self) -> Option<Instant> {
         let workers = self.workers.iter().filter_map(|w| w.state.deadline());
         let restarts = self.slots.iter().filter_map(|s| s.restart_at);
-        workers.chain(restarts).min()
+        let requests = self.conns.iter().filter_map(|c| c.deadline);
+        workers.chain(restarts).chain(requests).min()
     }
 
     fn on_signal(&mut self, sig: Signal) {
         match sig {
-            Signal::SIGHUP => self.request_reload(),
+            Signal::SIGHUP => self.request_reload(None, None),
             Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => {
                 if self.phase == Phase::Stopping {
                     warn!(self.log, "second stop signal: killing all workers now"; "signal" => sig.as_str());
@@ -347,7 +422,9 @@ impl Master {
                     self.begin_stop();
                 }
             }
-            Signal::SIGUSR1 => self.reopen_logs(),
+            Signal::SIGUSR1 => {
+                let _ = self.reopen_logs();
+            }
             Signal::SIGUSR2 => {
                 warn!(self.log, "SIGUSR2 (upgrade) is not supported by this build; ignored");
             }
@@ -355,11 +432,16 @@ impl Master {
         }
     }
 
-    fn reopen_logs(&mut self) {
+    fn reopen_logs(&mut self) -> Result<(), String> {
         match self.sink.reopen() {
-            Ok(()) => info!(self.log, "log reopened"),
+            Ok(()) => {
+                info!(self.log, "log reopened");
+                Ok(())
+            }
             Err(e) => {
-                error!(self.log, "reopening log failed; still writing to the old file"; "error" => describe_io(&e))
+                let msg = format!("reopening the log failed; still writing to the old file: {}", describe_io(&e));
+                error!(self.log, "{}", msg);
+                Err(msg)
             }
         }
     }
@@ -617,11 +699,18 @@ impl Master {
             Phase::Starting => {
                 if let Some(f) = self.start_failure.take() {
                     self.log_failure("start failed", self.generation, &f);
+                    let mut report = f.reason.clone();
+                    for line in &f.tail {
+                        report.push_str("\n| ");
+                        report.push_str(line);
+                    }
+                    self.report_start(Err(report));
                     self.exit_code = 1;
                     self.begin_stop();
                 } else if self.ready_count(self.generation) == self.config.worker.count {
                     self.phase = Phase::Running;
                     info!(self.log, "ready"; "workers" => self.config.worker.count, "generation" => self.generation);
+                    self.report_start(Ok(()));
                 }
             }
             Phase::Running => {
@@ -648,30 +737,83 @@ impl Master {
             .count()
     }
 
-    fn request_reload(&mut self) {
-        match self.phase {
-            Phase::Stopping => info!(self.log, "reload ignored: stopping"),
-            Phase::Starting => {
-                info!(self.log, "reload requested during start-up; it will follow");
-                self.reload_again = true;
+    /// A reload asked for by SIGHUP (`from` = None) or by a control client.
+    fn request_reload(&mut self, from: Option<usize>, if_generation: Option<u64>) {
+        let reply_err = |m: &mut Master, msg: String| {
+            info!(m.log, "{}", msg);
+            if let Some(c) = from {
+                m.conns[c].send(&Reply::err(msg, Value::Null));
             }
-            Phase::Running if self.reload.is_some() => {
-                info!(self.log, "reload requested during a reload; one more will follow");
-                self.reload_again = true;
+        };
+        if self.phase == Phase::Stopping {
+            return reply_err(self, "reload refused: the master is stopping".into());
+        }
+        if let Some(n) = if_generation {
+            if n != self.generation || self.phase == Phase::Starting {
+                return reply_err(
+                    self,
+                    format!("reload refused: generation {n} is not serving (generation {} is)", self.generation),
+                );
             }
-            Phase::Running => self.start_reload(),
+        }
+        // Which attempt will answer this request: the one under way if the caller only wants
+        // "a reload from generation N" and it is one; otherwise the next one to start (the
+        // config may have changed since the current attempt read it).
+        let busy = self.reload.is_some() || self.phase == Phase::Starting;
+        let attempt = if busy && if_generation.is_some() && self.reload.is_some() {
+            self.attempt
+        } else {
+            self.attempt + 1
+        };
+        if let Some(c) = from {
+            self.conns[c].waiting = Some(Waiting::Reload { attempt });
+        }
+        if busy && attempt > self.attempt {
+            info!(self.log, "reload requested while busy; one more will follow");
+            self.reload_again = true;
+            self.progress(attempt, "a reload is under way; this one will follow it".into());
+        } else if !busy {
+            self.start_reload();
+        }
+    }
+
+    /// Send a progress line to every client waiting for reload attempt `attempt`.
+    fn progress(&mut self, attempt: u64, message: String) {
+        let reply = Reply::progress(message);
+        for c in &mut self.conns {
+            if c.waiting == Some(Waiting::Reload { attempt }) {
+                c.send(&reply);
+            }
+        }
+    }
+
+    /// The current attempt ended: answer everyone waiting for it.
+    fn finish_reload(&mut self, outcome: Result<(String, Value), (String, Value)>) {
+        let attempt = self.attempt;
+        let reply = match outcome {
+            Ok((m, data)) => Reply::ok(m, data),
+            Err((m, data)) => Reply::err(m, data),
+        };
+        for c in &mut self.conns {
+            if c.waiting == Some(Waiting::Reload { attempt }) {
+                c.waiting = None;
+                c.send(&reply);
+            }
         }
     }
 
     fn start_reload(&mut self) {
+        self.attempt += 1;
         let generation = self.next_generation;
         info!(self.log, "reloading"; "generation" => generation);
+        self.progress(self.attempt, format!("reading {}", self.config.path.display()));
+        let fail = |m: &mut Master, msg: String| {
+            error!(m.log, "{}", msg; "generation" => generation);
+            m.finish_reload(Err((msg, json!({ "generation": m.generation }))));
+        };
         let config = match config::load(&self.config.path) {
             Ok(c) => Rc::new(c),
-            Err(e) => {
-                error!(self.log, "reload failed: invalid config; nothing changed: {}", e; "generation" => generation);
-                return;
-            }
+            Err(e) => return fail(self, format!("reload failed: invalid config; nothing changed: {e}")),
         };
         if config.master != self.config.master {
             warn!(
@@ -688,17 +830,13 @@ impl Master {
                         info!(self.log, "listening"; "addr" => l.local_addr(), "name" => &lc.name);
                         listeners.push(Rc::new(l));
                     }
-                    Err(e) => {
-                        error!(self.log, "reload failed; nothing changed: {}", e; "generation" => generation);
-                        return;
-                    }
+                    Err(e) => return fail(self, format!("reload failed; nothing changed: {e}")),
                 },
             }
         }
         if let Some(c) = &config.worker.credentials {
             if let Err(e) = self.notify.set_owner(Some(c.uid)) {
-                error!(self.log, "reload failed; nothing changed: {}", e; "generation" => generation);
-                return;
+                return fail(self, format!("reload failed; nothing changed: {e}"));
             }
         }
         self.next_generation += 1;
@@ -708,6 +846,10 @@ impl Master {
             listeners: listeners.clone(),
             failure: None,
         });
+        self.progress(
+            self.attempt,
+            format!("starting generation {generation} ({} workers)", config.worker.count),
+        );
         self.spawn_generation(config, listeners, generation);
     }
 
@@ -741,6 +883,14 @@ impl Master {
         self.generation = r.generation;
         self.slots = vec![Slot::default(); self.config.worker.count];
         info!(self.log, "reload complete"; "old_generation" => old, "workers" => self.config.worker.count, "generation" => self.generation);
+        let message = format!(
+            "reloaded: generation {} serving ({} workers); generation {old} signalled to stop",
+            self.generation, self.config.worker.count
+        );
+        self.finish_reload(Ok((
+            message,
+            json!({ "generation": self.generation, "old_generation": old }),
+        )));
         self.limit_draining();
     }
 
@@ -775,15 +925,33 @@ impl Master {
                 self.feed(i, Event::Kill);
             }
         }
-        if let Some(f) = r.failure.take() {
-            self.log_failure("reload failed", r.generation, &f);
-        }
+        let f = r.failure.take().unwrap_or(Failure {
+            reason: "unknown".into(),
+            tail: vec![],
+        });
+        self.log_failure("reload failed", r.generation, &f);
         info!(self.log, "still serving"; "generation" => self.generation);
+        let message = format!(
+            "reload failed: {}; generation {} keeps serving",
+            f.reason, self.generation
+        );
+        self.finish_reload(Err((
+            message,
+            json!({ "generation": self.generation, "failed_generation": r.generation, "tail": f.tail }),
+        )));
     }
 
     fn begin_stop(&mut self) {
+        if self.phase == Phase::Starting {
+            self.report_start(Err("stopped by a signal during start-up".into()));
+        }
         self.phase = Phase::Stopping;
-        self.reload = None;
+        if self.reload.take().is_some() || self.reload_again {
+            let msg = "reload cancelled: the master is stopping".to_string();
+            self.finish_reload(Err((msg.clone(), Value::Null)));
+            self.attempt += 1;
+            self.finish_reload(Err((msg, Value::Null)));
+        }
         self.reload_again = false;
         for s in &mut self.slots {
             s.restart_at = None;
@@ -792,6 +960,129 @@ impl Master {
         for i in 0..self.workers.len() {
             self.feed(i, Event::Stop(now));
         }
+    }
+
+    /// Accept control connections, read requests, write replies, expire slow clients.
+    fn serve_control(&mut self, ready: &[RawFd]) {
+        let now = Instant::now();
+        if ready.binary_search(&self.control.raw_fd()).is_ok() {
+            let my_uid = nix::unistd::geteuid().as_raw();
+            for mut c in self.control.accept(now) {
+                match c.peer_uid {
+                    Some(uid) if uid == 0 || uid == my_uid => self.conns.push(c),
+                    other => {
+                        let uid = other.map_or("unknown".to_string(), |u| u.to_string());
+                        warn!(self.log, "control: refused a client"; "uid" => &uid, "peer_pid" => c.peer_pid);
+                        c.send(&Reply::err(
+                            format!("permission denied: uid {uid} may not control this master (only root and uid {my_uid})"),
+                            Value::Null,
+                        ));
+                    }
+                }
+            }
+        }
+        for i in 0..self.conns.len() {
+            let fd = self.conns[i].raw_fd();
+            if ready.binary_search(&fd).is_err() {
+                continue;
+            }
+            self.conns[i].flush();
+            if self.conns[i].wants_read() {
+                match self.conns[i].read() {
+                    Input::Nothing => {}
+                    Input::Bad(msg) => {
+                        warn!(self.log, "control: bad request"; "error" => &msg);
+                        self.conns[i].send(&Reply::err(msg, Value::Null));
+                    }
+                    Input::Request(req) => self.handle_request(i, req),
+                }
+            }
+        }
+        for c in &mut self.conns {
+            if c.deadline.is_some_and(|d| d <= now) {
+                c.deadline = None;
+                c.send(&Reply::err(
+                    format!("request timed out: no complete request line within {:?}", crate::control::REQUEST_TIMEOUT),
+                    Value::Null,
+                ));
+            }
+        }
+        self.conns.retain(|c| !c.dead);
+    }
+
+    fn handle_request(&mut self, i: usize, req: Request) {
+        debug!(self.log, "control request"; "request" => format!("{req:?}"));
+        match req {
+            Request::Status {} => {
+                let status = self.status();
+                self.conns[i].send(&Reply::ok("status", status));
+            }
+            Request::ReopenLogs {} => {
+                let reply = match self.reopen_logs() {
+                    Ok(()) => Reply::ok("log reopened", Value::Null),
+                    Err(e) => Reply::err(e, Value::Null),
+                };
+                self.conns[i].send(&reply);
+            }
+            Request::Reload { if_generation } => self.request_reload(Some(i), if_generation),
+            Request::Stop {} => {
+                self.conns[i].waiting = Some(Waiting::Stop);
+                let n = self.workers.iter().filter(|w| w.state.is_alive()).count();
+                self.conns[i].send(&Reply::progress(format!(
+                    "stopping master pid {} and {n} worker{}",
+                    std::process::id(),
+                    if n == 1 { "" } else { "s" }
+                )));
+                if self.phase != Phase::Stopping {
+                    info!(self.log, "stopping"; "requested_by" => "control socket");
+                    self.begin_stop();
+                }
+            }
+        }
+    }
+
+    /// What `zdd status` shows.
+    fn status(&self) -> Value {
+        let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let workers: Vec<Value> = self
+            .workers
+            .iter()
+            .map(|w| {
+                let restarts = if w.generation == self.generation {
+                    self.slots.get(w.slot).map_or(0, |s| s.restarts)
+                } else {
+                    0
+                };
+                json!({
+                    "pid": w.pid.as_raw(),
+                    "generation": w.generation,
+                    "slot": w.slot,
+                    "state": w.state.name(),
+                    "started": unix(w.started_wall),
+                    "uptime_secs": w.started.elapsed().as_secs(),
+                    "restarts": restarts,
+                    "status": w.status_text,
+                })
+            })
+            .collect();
+        let listeners: Vec<Value> = self
+            .config
+            .listen
+            .iter()
+            .zip(&self.listeners)
+            .map(|(lc, l)| json!({ "name": lc.name, "address": l.local_addr() }))
+            .collect();
+        json!({
+            "pid": std::process::id(),
+            "config": self.config.path.display().to_string(),
+            "started": unix(self.started_wall),
+            "uptime_secs": self.started_at.elapsed().as_secs(),
+            "phase": match self.phase { Phase::Starting => "starting", Phase::Running => "running", Phase::Stopping => "stopping" },
+            "generation": self.generation,
+            "reloading": self.reload.as_ref().map(|r| r.generation),
+            "workers": workers,
+            "listeners": listeners,
+        })
     }
 }
 

@@ -71,6 +71,16 @@ pub enum State {
 }
 
 impl State {
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Starting { .. } => "starting",
+            State::Ready => "ready",
+            State::Stopping { .. } => "stopping",
+            State::Killed => "killed",
+            State::Exited(_) => "exited",
+        }
+    }
+
     pub fn deadline(&self) -> Option<Instant> {
         match *self {
             State::Starting { deadline, ready_at } => Some(ready_at.map_or(deadline, |r| r.min(deadline))),
@@ -155,6 +165,7 @@ pub struct Worker {
     pub slot: usize,
     pub state: State,
     pub started: Instant,
+    pub started_wall: std::time::SystemTime,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
     pub pipes: Vec<Pipe>,

@@ -1,0 +1,200 @@
+//! The command side of the control protocol: connect to a running master, send one request,
+//! print its progress, return its result.
+//!
+//! "Not running" is decided carefully, because scripts act on exit code 3: no control socket,
+//! or nobody answering on it, with a pid file that is missing or names a dead process.
+
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::config::MasterConfig;
+use crate::control::{Reply, Request};
+use crate::errno::describe_io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    NotRunning(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl ClientError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::NotRunning(_) => 3,
+            ClientError::Failed(_) => 1,
+        }
+    }
+}
+
+/// The final answer of the master.
+pub struct Outcome {
+    pub ok: bool,
+    pub message: String,
+    pub data: Value,
+    /// The connection, for callers that wait for EOF (stop).
+    pub reader: BufReader<UnixStream>,
+}
+
+fn pid_alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Explain why the control socket does not answer.
+fn not_running(master: &MasterConfig, err: &std::io::Error) -> ClientError {
+    let sock = master.control_socket.display();
+    let pid = std::fs::read_to_string(&master.pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok());
+    match pid {
+        Some(pid) if pid_alive(pid) => ClientError::Failed(format!(
+            "master pid {pid} (from {}) is running but its control socket {sock} does not answer: {}",
+            master.pid_file.display(),
+            describe_io(err)
+        )),
+        Some(pid) => ClientError::NotRunning(format!(
+            "master not running (stale pid file {} names pid {pid}, which is gone)",
+            master.pid_file.display()
+        )),
+        None => ClientError::NotRunning(format!("master not running (no control socket at {sock})")),
+    }
+}
+
+/// Connect, send `req`, hand each progress line to `on_progress`, return the result.
+pub fn call(
+    master: &MasterConfig,
+    req: &Request,
+    timeout: Option<Duration>,
+    mut on_progress: impl FnMut(&str),
+) -> Result<Outcome, ClientError> {
+    let sock = &master.control_socket;
+    let mut stream = match UnixStream::connect(sock) {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+            return Err(not_running(master, &e))
+        }
+        Err(e) => {
+            return Err(ClientError::Failed(format!(
+                "cannot connect to control socket {}: {} (it accepts only root and the master's user)",
+                sock.display(),
+                describe_io(&e)
+            )))
+        }
+    };
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Failed(e.to_string()))?;
+    line.push(b'\n');
+    stream
+        .write_all(&line)
+        .map_err(|e| ClientError::Failed(format!("sending request: {}", describe_io(&e))))?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Failed(format!("no answer within {}", humantime::format_duration(timeout.unwrap_or_default()))));
+            }
+            let _ = reader.get_ref().set_read_timeout(Some(left));
+        }
+        let mut text = String::new();
+        match reader.read_line(&mut text) {
+            Ok(0) => return Err(ClientError::Failed("the master closed the connection without an answer".into())),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(ClientError::Failed(format!("reading the answer: {}", describe_io(&e)))),
+        }
+        match serde_json::from_str::<Reply>(&text) {
+            Ok(Reply::Progress { message }) => on_progress(&message),
+            Ok(Reply::Result { ok, message, data }) => {
+                return Ok(Outcome {
+                    ok,
+                    message,
+                    data,
+                    reader,
+                })
+            }
+            Err(e) => return Err(ClientError::Failed(format!("unintelligible answer {text:?}: {e}"))),
+        }
+    }
+}
+
+/// After `stop` was acknowledged: wait for EOF (the master's exit closes the connection) and
+/// for the pid to be gone.
+pub fn wait_gone(mut reader: BufReader<UnixStream>, pid: i32, deadline: Option<Instant>) -> Result<(), ClientError> {
+    let mut sink = String::new();
+    loop {
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Failed(format!("master pid {pid} still running at the timeout")));
+            }
+            let _ = reader.get_ref().set_read_timeout(Some(left));
+        }
+        sink.clear();
+        match reader.read_line(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
+                continue
+            }
+            Err(_) => break,
+        }
+    }
+    let mut pause = Duration::from_millis(1);
+    while pid_alive(pid) && !is_zombie(pid) {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(ClientError::Failed(format!("master pid {pid} still running at the timeout")));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .unwrap_or(true)
+}
+
+/// Human-readable `zdd status`.
+pub fn format_status(s: &Value) -> String {
+    let mut out = String::new();
+    let secs = |v: &Value| humantime::format_duration(Duration::from_secs(v.as_u64().unwrap_or(0))).to_string();
+    out.push_str(&format!(
+        "master   pid {}  {}  up {}  generation {}{}\nconfig   {}\n",
+        s["pid"],
+        s["phase"].as_str().unwrap_or("?"),
+        secs(&s["uptime_secs"]),
+        s["generation"],
+        match s["reloading"].as_u64() {
+            Some(g) => format!("  (reloading to generation {g})"),
+            None => String::new(),
+        },
+        s["config"].as_str().unwrap_or("?"),
+    ));
+    for l in s["listeners"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "listen   {:<12} {}\n",
+            l["name"].as_str().unwrap_or("?"),
+            l["address"].as_str().unwrap_or("?")
+        ));
+    }
+    out.push_str("workers  PID      GEN  SLOT  STATE     UPTIME       RESTARTS\n");
+    for w in s["workers"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "         {:<8} {:<4} {:<5} {:<9} {:<12} {}\n",
+            w["pid"].to_string(),
+            w["generation"].to_string(),
+            w["slot"].to_string(),
+            w["state"].as_str().unwrap_or("?"),
+            secs(&w["uptime_secs"]),
+            w["restarts"]
+        ));
+    }
+    out
+}

@@ -1,0 +1,391 @@
+//! The control socket: how `zdd reload`, `stop`, `status` and `reopen-logs` talk to a running
+//! master.
+//!
+//! Protocol: a unix stream socket (mode 0600, owned by the master's user). The client sends one
+//! request, a JSON object on one line: `{"cmd":"reload","if_generation":3}`, `{"cmd":"stop"}`,
+//! `{"cmd":"status"}`, `{"cmd":"reopen-logs"}`. The master answers with zero or more progress
+//! lines `{"type":"progress","message":"…"}` and exactly one result line
+//! `{"type":"result","ok":true|false,"message":"…","data":{…}}`.
+//!
+//! The master checks SO_PEERCRED when it accepts: only root and its own uid are served. A
+//! connection is non-blocking and part of the master's poll loop, so a client can never stall
+//! the master: a request must arrive whole within [`REQUEST_TIMEOUT`] and within
+//! [`MAX_REQUEST`] bytes; malformed requests get an error result and the connection closes;
+//! a client that does not read its replies is dropped once [`MAX_PENDING_OUTPUT`] is queued.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{getsockopt, sockopt};
+use serde::{Deserialize, Serialize};
+
+use crate::errno::describe_io;
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Time a client has to send its whole request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Output queued for a client that does not read, before it is dropped.
+const MAX_PENDING_OUTPUT: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Reload {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        if_generation: Option<u64>,
+    },
+    // Struct variants (not unit ones), so that unknown fields are rejected for them too.
+    Stop {},
+    Status {},
+    ReopenLogs {},
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Reply {
+    Progress {
+        message: String,
+    },
+    Result {
+        ok: bool,
+        message: String,
+        #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+        data: serde_json::Value,
+    },
+}
+
+impl Reply {
+    pub fn progress(message: impl Into<String>) -> Reply {
+        Reply::Progress {
+            message: message.into(),
+        }
+    }
+
+    pub fn ok(message: impl Into<String>, data: serde_json::Value) -> Reply {
+        Reply::Result {
+            ok: true,
+            message: message.into(),
+            data,
+        }
+    }
+
+    pub fn err(message: impl Into<String>, data: serde_json::Value) -> Reply {
+        Reply::Result {
+            ok: false,
+            message: message.into(),
+            data,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec());
+        v.push(b'\n');
+        v
+    }
+}
+
+/// Decode one request line (without its newline).
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control socket {path}: {op}: {msg}")]
+    Io { path: String, op: &'static str, msg: String },
+    #[error("control socket {0} exists and is not a socket; refusing to remove it")]
+    NotASocket(String),
+}
+
+/// The listening control socket.
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Bind at `path`. The pid-file lock is held, so a socket file there is a dead master's.
+    pub fn bind(path: &Path) -> Result<ControlServer, ControlError> {
+        let io = |op: &'static str| {
+            move |e: std::io::Error| ControlError::Io {
+                path: path.display().to_string(),
+                op,
+                msg: describe_io(&e),
+            }
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io("unlink stale socket"))?,
+            Ok(_) => return Err(ControlError::NotASocket(path.display().to_string())),
+            Err(_) => {}
+        }
+        // Create it with no access for anyone but the owner from the start.
+        // SAFETY: umask only changes this process's file-creation mask; restored at once.
+        let old = unsafe { nix::libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { nix::libc::umask(old) };
+        let listener = bound.map_err(io("bind"))?;
+        listener.set_nonblocking(true).map_err(io("set non-blocking"))?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// Accept every pending connection.
+    pub fn accept(&self, now: Instant) -> Vec<Conn> {
+        let mut out = Vec::new();
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let peer = getsockopt(&stream, sockopt::PeerCredentials).ok();
+                    out.push(Conn {
+                        waiting: None,
+                        stream,
+                        peer_uid: peer.map(|c| c.uid()),
+                        peer_pid: peer.map(|c| c.pid()),
+                        inbuf: Vec::new(),
+                        outbuf: Vec::new(),
+                        deadline: Some(now + REQUEST_TIMEOUT),
+                        closing: false,
+                        dead: false,
+                    });
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What reading from a connection produced.
+#[derive(Debug, PartialEq)]
+pub enum Input {
+    Nothing,
+    Request(Request),
+    /// A bad request: reply with this error, then close.
+    Bad(String),
+}
+
+/// What a connection waits for, after its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// The outcome of reload attempt number `attempt`.
+    Reload { attempt: u64 },
+    /// The master's exit.
+    Stop,
+}
+
+/// One client connection.
+pub struct Conn {
+    pub waiting: Option<Waiting>,
+    stream: UnixStream,
+    pub peer_uid: Option<u32>,
+    pub peer_pid: Option<i32>,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    /// Until a request has arrived: when to give up on it.
+    pub deadline: Option<Instant>,
+    /// Close once the output is flushed.
+    closing: bool,
+    /// Gone: drop it.
+    pub dead: bool,
+}
+
+impl Conn {
+    pub fn raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    pub fn wants_write(&self) -> bool {
+        !self.outbuf.is_empty()
+    }
+
+    pub fn wants_read(&self) -> bool {
+        self.deadline.is_some() && !self.closing
+    }
+
+    /// Read what is there; return a request once a whole line arrived.
+    pub fn read(&mut self) -> Input {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => {
+                    // Peer closed its side; a request without newline at EOF still counts.
+                    if self.deadline.is_some() && !self.inbuf.is_empty() {
+                        let line = std::mem::take(&mut self.inbuf);
+                        return self.take_request(&line);
+                    }
+                    if self.deadline.is_some() {
+                        self.dead = true;
+                    }
+                    return Input::Nothing;
+                }
+                Ok(n) => {
+                    if self.deadline.is_none() {
+                        // One request per connection; anything after it is ignored.
+                        continue;
+                    }
+                    self.inbuf.extend_from_slice(&buf[..n]);
+                    if let Some(nl) = self.inbuf.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = self.inbuf[..nl].to_vec();
+                        self.inbuf.clear();
+                        return self.take_request(&line);
+                    }
+                    if self.inbuf.len() > MAX_REQUEST {
+                        self.deadline = None;
+                        return Input::Bad(format!("request longer than {MAX_REQUEST} bytes"));
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Input::Nothing,
+                Err(_) => {
+                    self.dead = true;
+                    return Input::Nothing;
+                }
+            }
+        }
+    }
+
+    fn take_request(&mut self, line: &[u8]) -> Input {
+        self.deadline = None;
+        match decode_request(line) {
+            Ok(r) => Input::Request(r),
+            Err(e) => Input::Bad(e),
+        }
+    }
+
+    /// Queue a reply; a result line ends the conversation.
+    pub fn send(&mut self, reply: &Reply) {
+        if self.dead {
+            return;
+        }
+        self.outbuf.extend_from_slice(&reply.encode());
+        if matches!(reply, Reply::Result { .. }) {
+            self.closing = true;
+        }
+        if self.outbuf.len() > MAX_PENDING_OUTPUT {
+            self.dead = true;
+        }
+        self.flush();
+    }
+
+    /// Write as much queued output as the socket takes.
+    pub fn flush(&mut self) {
+        while !self.outbuf.is_empty() && !self.dead {
+            match self.stream.write(&self.outbuf) {
+                Ok(0) => self.dead = true,
+                Ok(n) => {
+                    self.outbuf.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => self.dead = true,
+            }
+        }
+        if self.outbuf.is_empty() && self.closing {
+            self.dead = true;
+        }
+    }
+
+    /// Send a last reply and wait until it is written (at the master's exit). The connection
+    /// stays open until the process exits, so the client's EOF means the master is gone.
+    pub fn send_final(&mut self, reply: &Reply) {
+        self.outbuf.extend_from_slice(&reply.encode());
+        let _ = self.stream.set_nonblocking(false);
+        let _ = self.stream.set_write_timeout(Some(Duration::from_secs(5)));
+        let _ = self.stream.write_all(&self.outbuf);
+        self.outbuf.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for r in [
+            Request::Reload { if_generation: None },
+            Request::Reload { if_generation: Some(4) },
+            Request::Stop {},
+            Request::Status {},
+            Request::ReopenLogs {},
+        ] {
+            let line = serde_json::to_vec(&r).unwrap();
+            assert_eq!(decode_request(&line).unwrap(), r);
+        }
+        assert_eq!(
+            decode_request(br#"{"cmd":"reload"}"#).unwrap(),
+            Request::Reload { if_generation: None }
+        );
+        assert_eq!(decode_request(br#"{"cmd":"reopen-logs"}"#).unwrap(), Request::ReopenLogs {});
+    }
+
+    #[test]
+    fn bad_requests_are_errors() {
+        for bad in [&b"garbage"[..], b"{}", br#"{"cmd":"explode"}"#, br#"{"cmd":"stop","x":1}"#, b"\xff\xfe"] {
+            assert!(decode_request(bad).unwrap_err().starts_with("malformed request"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn replies_encode_as_one_line() {
+        let r = Reply::ok("done", serde_json::json!({"generation": 2}));
+        let e = r.encode();
+        assert_eq!(e.last(), Some(&b'\n'));
+        assert_eq!(e.iter().filter(|&&b| b == b'\n').count(), 1);
+        let back: Reply = serde_json::from_slice(&e).unwrap();
+        assert_eq!(back, r);
+        let p: Reply = serde_json::from_slice(&Reply::progress("x\ny").encode()).unwrap();
+        assert_eq!(p, Reply::progress("x\ny"));
+    }
+
+    #[test]
+    fn oversized_and_split_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ControlServer::bind(&dir.path().join("c.sock")).unwrap();
+        let mut client = UnixStream::connect(dir.path().join("c.sock")).unwrap();
+        let mut conns = server.accept(Instant::now());
+        let conn = &mut conns[0];
+        assert_eq!(conn.peer_uid, Some(nix::unistd::getuid().as_raw()));
+        client.write_all(br#"{"cmd":"#).unwrap();
+        assert_eq!(conn.read(), Input::Nothing);
+        client.write_all(b"\"status\"}\n").unwrap();
+        assert_eq!(conn.read(), Input::Request(Request::Status {}));
+
+        let mut client = UnixStream::connect(dir.path().join("c.sock")).unwrap();
+        let mut conns = server.accept(Instant::now());
+        let conn = &mut conns[0];
+        client.set_nonblocking(true).unwrap();
+        let big = vec![b'x'; MAX_REQUEST + 10];
+        let mut written = 0;
+        let mut result = Input::Nothing;
+        while written < big.len() && result == Input::Nothing {
+            if let Ok(n) = client.write(&big[written..]) {
+                written += n;
+            }
+            result = conn.read();
+        }
+        assert!(matches!(result, Input::Bad(ref m) if m.contains("longer than")), "{result:?}");
+    }
+}
