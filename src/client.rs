@@ -20,13 +20,15 @@ pub enum ClientError {
     NotRunning(String),
     #[error("{0}")]
     Failed(String),
+    #[error("no answer within {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
 }
 
 impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::NotRunning(_) => 3,
-            ClientError::Failed(_) => 1,
+            ClientError::Failed(_) | ClientError::Timeout(_) => 1,
         }
     }
 }
@@ -88,21 +90,26 @@ pub fn call(
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Failed(e.to_string()))?;
     line.push(b'\n');
-    stream
-        .write_all(&line)
-        .map_err(|e| ClientError::Failed(format!("sending request: {}", describe_io(&e))))?;
+    // A master that refuses us answers and hangs up at once: read its answer even if our
+    // write failed.
+    let sent = stream.write_all(&line);
     let mut reader = BufReader::new(stream);
     loop {
         if let Some(d) = deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ClientError::Failed(format!("no answer within {}", humantime::format_duration(timeout.unwrap_or_default()))));
+                return Err(ClientError::Timeout(timeout.unwrap_or_default()));
             }
             let _ = reader.get_ref().set_read_timeout(Some(left));
         }
         let mut text = String::new();
         match reader.read_line(&mut text) {
-            Ok(0) => return Err(ClientError::Failed("the master closed the connection without an answer".into())),
+            Ok(0) => {
+                return Err(ClientError::Failed(match &sent {
+                    Err(e) => format!("sending the request: {}", describe_io(e)),
+                    Ok(()) => "the master closed the connection without an answer".into(),
+                }))
+            }
             Ok(_) => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
             Err(e) => return Err(ClientError::Failed(format!("reading the answer: {}", describe_io(&e)))),
@@ -130,7 +137,9 @@ pub fn wait_gone(mut reader: BufReader<UnixStream>, pid: i32, deadline: Option<I
         if let Some(d) = deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ClientError::Failed(format!("master pid {pid} still running at the timeout")));
+                return Err(ClientError::Failed(format!(
+                    "master pid {pid} still running at the timeout"
+                )));
             }
             let _ = reader.get_ref().set_read_timeout(Some(left));
         }
@@ -138,7 +147,12 @@ pub fn wait_gone(mut reader: BufReader<UnixStream>, pid: i32, deadline: Option<I
         match reader.read_line(&mut sink) {
             Ok(0) => break,
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
                 continue
             }
             Err(_) => break,
@@ -147,7 +161,9 @@ pub fn wait_gone(mut reader: BufReader<UnixStream>, pid: i32, deadline: Option<I
     let mut pause = Duration::from_millis(1);
     while pid_alive(pid) && !is_zombie(pid) {
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(ClientError::Failed(format!("master pid {pid} still running at the timeout")));
+            return Err(ClientError::Failed(format!(
+                "master pid {pid} still running at the timeout"
+            )));
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(50));

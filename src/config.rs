@@ -305,26 +305,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         file: path.display().to_string(),
         text,
     };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        let msg = e.message().trim_end().to_string();
-        let key = if msg.starts_with("unknown field") {
-            String::new()
-        } else {
-            src.key_at(span.start)
-        };
-        src.err(span, &key, msg)
-    })?;
-    let base = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
-    let base = std::fs::canonicalize(&base).unwrap_or(base);
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "zdd".into());
+    let raw: RawConfig = deserialize(&src)?;
+    let (base, stem) = anchors(path);
     let v = Validator { src: &src, base: &base };
 
     let master = v.master(&raw.master, &stem)?;
@@ -361,6 +343,57 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         rlimits,
         listen,
     })
+}
+
+/// The directory relative paths are resolved against, and the config's stem.
+fn anchors(path: &Path) -> (PathBuf, String) {
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let base = std::fs::canonicalize(&base).unwrap_or(base);
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "zdd".into());
+    (base, stem)
+}
+
+fn deserialize<T: serde::de::DeserializeOwned>(src: &Source<'_>) -> Result<T, ConfigError> {
+    toml::from_str(src.text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let msg = e.message().trim_end().to_string();
+        let key = if msg.starts_with("unknown field") {
+            String::new()
+        } else {
+            src.key_at(span.start)
+        };
+        src.err(span, &key, msg)
+    })
+}
+
+/// Only the `[master]` table, the rest of the file unchecked: what `status`, `stop` and
+/// `reopen-logs` need to find a running master, even while the worker settings are being
+/// edited into something invalid.
+#[derive(Deserialize)]
+struct RawMasterOnly {
+    #[serde(default)]
+    master: RawMaster,
+}
+
+pub fn load_master(path: &Path) -> Result<MasterConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
+        source,
+    })?;
+    let src = Source {
+        file: path.display().to_string(),
+        text: &text,
+    };
+    let raw: RawMasterOnly = deserialize(&src)?;
+    let (base, stem) = anchors(path);
+    Validator { src: &src, base: &base }.master(&raw.master, &stem)
 }
 
 struct Validator<'a> {
@@ -999,6 +1032,21 @@ unix = "@zdd-test"
         assert!(e.contains("rlimits.files: unknown resource"), "{e}");
         let e = err("[worker]\ncommand = [\"/bin/true\"]\n[rlimits]\nnofile = { soft = 10, hard = 5 }\n");
         assert!(e.contains("above hard limit"), "{e}");
+    }
+
+    #[test]
+    fn master_alone_is_read_from_an_otherwise_invalid_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.toml");
+        std::fs::write(&path, "[master]\ncontrol_socket = \"c.sock\"\n[worker]\ncount = 0\n").unwrap();
+        assert!(load(&path).is_err());
+        let m = load_master(&path).unwrap();
+        assert_eq!(m.control_socket, dir.path().canonicalize().unwrap().join("c.sock"));
+        std::fs::write(&path, "[master]\ncontrol_sock = \"c.sock\"\n").unwrap();
+        assert!(load_master(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `control_sock`"));
     }
 
     #[test]

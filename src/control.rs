@@ -97,7 +97,11 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("control socket {path}: {op}: {msg}")]
-    Io { path: String, op: &'static str, msg: String },
+    Io {
+        path: String,
+        op: &'static str,
+        msg: String,
+    },
     #[error("control socket {0} exists and is not a socket; refusing to remove it")]
     NotASocket(String),
 }
@@ -338,13 +342,25 @@ mod tests {
             decode_request(br#"{"cmd":"reload"}"#).unwrap(),
             Request::Reload { if_generation: None }
         );
-        assert_eq!(decode_request(br#"{"cmd":"reopen-logs"}"#).unwrap(), Request::ReopenLogs {});
+        assert_eq!(
+            decode_request(br#"{"cmd":"reopen-logs"}"#).unwrap(),
+            Request::ReopenLogs {}
+        );
     }
 
     #[test]
     fn bad_requests_are_errors() {
-        for bad in [&b"garbage"[..], b"{}", br#"{"cmd":"explode"}"#, br#"{"cmd":"stop","x":1}"#, b"\xff\xfe"] {
-            assert!(decode_request(bad).unwrap_err().starts_with("malformed request"), "{bad:?}");
+        for bad in [
+            &b"garbage"[..],
+            b"{}",
+            br#"{"cmd":"explode"}"#,
+            br#"{"cmd":"stop","x":1}"#,
+            b"\xff\xfe",
+        ] {
+            assert!(
+                decode_request(bad).unwrap_err().starts_with("malformed request"),
+                "{bad:?}"
+            );
         }
     }
 
@@ -386,6 +402,9 @@ mod tests {
             }
             result = conn.read();
         }
-        assert!(matches!(result, Input::Bad(ref m) if m.contains("longer than")), "{result:?}");
+        assert!(
+            matches!(result, Input::Bad(ref m) if m.contains("longer than")),
+            "{result:?}"
+        );
     }
 }

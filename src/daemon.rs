@@ -160,14 +160,17 @@ mod tests {
 /// returns 0 for a master that dies during start-up: EOF without a report is a failure too.
 pub fn start_daemon(config_path: &Path) -> Result<u8, crate::master::StartError> {
     use crate::master::{Master, StartError};
-    use std::io::{BufRead, BufReader};
 
     let config = crate::config::load(config_path)?;
     // The master re-reads its config on reload, from wherever its cwd is then.
     let abs = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let config = crate::config::Config { path: abs, ..config };
     let stderr_is_file = nix::sys::stat::fstat(2).is_ok_and(|st| st.st_mode & nix::libc::S_IFMT == nix::libc::S_IFREG);
-    let discard_log = matches!(config.master.log, crate::config::LogTarget::Stderr) && !stderr_is_file;
+    let log_to_stderr = matches!(config.master.log, crate::config::LogTarget::Stderr);
+    // The daemon keeps the invoking stderr only to log there, and only if it is a file: a
+    // terminal goes away and a pipe would keep its reader waiting for EOF forever.
+    let keep_stderr = log_to_stderr && stderr_is_file;
+    let discard_log = log_to_stderr && !stderr_is_file;
     let (log, sink) = crate::log::build(&config.master.log, config.master.log_format)
         .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;
     let mut master = Master::start(config, log, sink)?;
@@ -180,10 +183,10 @@ pub fn start_daemon(config_path: &Path) -> Result<u8, crate::master::StartError>
         m
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let stderr = if discard_log {
-        daemonize::Stdio::devnull()
-    } else {
+    let stderr = if keep_stderr {
         daemonize::Stdio::keep()
+    } else {
+        daemonize::Stdio::devnull()
     };
     let outcome = daemonize::Daemonize::new()
         .working_directory(cwd)
@@ -196,8 +199,9 @@ pub fn start_daemon(config_path: &Path) -> Result<u8, crate::master::StartError>
             drop(report_w);
             // The daemon owns the pid file and sockets now: nothing of them is ours to remove.
             std::mem::forget(master);
+            // The daemon writes its report and closes the pipe (or dies, which closes it too).
             let mut line = String::new();
-            let _ = BufReader::new(File::from(report_r)).read_line(&mut line);
+            let _ = File::from(report_r).read_to_string(&mut line);
             if discard_log {
                 eprintln!(
                     "zdd: warning: [master] log = \"stderr\" and stderr is not a file: the daemon's log is discarded \
@@ -211,7 +215,9 @@ pub fn start_daemon(config_path: &Path) -> Result<u8, crate::master::StartError>
             } else if let Some(reason) = line.strip_prefix("failed ") {
                 Err(StartError::Other(format!("start failed: {reason}")))
             } else {
-                Err(StartError::Other("start failed: the master exited during start-up without a report".into()))
+                Err(StartError::Other(
+                    "start failed: the master exited during start-up without a report".into(),
+                ))
             }
         }
         daemonize::Outcome::Parent(Err(e)) => Err(StartError::Other(format!("daemonize: {e}"))),

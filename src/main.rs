@@ -69,6 +69,10 @@ fn load(cli: &Cli) -> Result<config::Config, Failure> {
     config::load(&cli.config).map_err(|e| fail(2, e))
 }
 
+fn load_master(cli: &Cli) -> Result<config::MasterConfig, Failure> {
+    config::load_master(&cli.config).map_err(|e| fail(2, e))
+}
+
 fn run(cli: Cli) -> Result<u8, Failure> {
     match &cli.command {
         Command::Check => {
@@ -103,9 +107,18 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             Err(fail(1, msg))
         }
         Command::Stop { timeout } => {
-            let c = load(&cli)?;
+            let m = load_master(&cli)?;
             let deadline = timeout.map(|t| Instant::now() + t);
-            let o = client::call(&c.master, &Request::Stop {}, *timeout, progress)?;
+            let o = client::call(&m, &Request::Stop {}, *timeout, progress).map_err(|e| match e {
+                client::ClientError::Timeout(t) => fail(
+                    1,
+                    format!(
+                        "the master is still running at the timeout ({}); it goes on stopping",
+                        humantime::format_duration(t)
+                    ),
+                ),
+                e => e.into(),
+            })?;
             if !o.ok {
                 return Err(fail(1, o.message));
             }
@@ -115,8 +128,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Status { json } => {
-            let c = load(&cli)?;
-            let o = client::call(&c.master, &Request::Status {}, Some(std::time::Duration::from_secs(30)), |_| {})?;
+            let m = load_master(&cli)?;
+            let o = client::call(
+                &m,
+                &Request::Status {},
+                Some(std::time::Duration::from_secs(30)),
+                |_| {},
+            )?;
             if !o.ok {
                 return Err(fail(1, o.message));
             }
@@ -128,8 +146,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::ReopenLogs => {
-            let c = load(&cli)?;
-            let o = client::call(&c.master, &Request::ReopenLogs {}, Some(std::time::Duration::from_secs(30)), |_| {})?;
+            let m = load_master(&cli)?;
+            let o = client::call(
+                &m,
+                &Request::ReopenLogs {},
+                Some(std::time::Duration::from_secs(30)),
+                |_| {},
+            )?;
             if !o.ok {
                 return Err(fail(1, o.message));
             }

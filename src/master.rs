@@ -13,13 +13,13 @@
 //! misses its start timeout first, the whole new generation is killed and the serving one is
 //! untouched. Reload requests that arrive meanwhile set `reload_again`: one more reload after.
 
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::io::Write;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use slog::{debug, error, info, warn, Logger};
 
 use crate::config::{self, Config, Restart};
-use crate::control::{ControlServer, Conn, Input, Reply, Request, Waiting};
+use crate::control::{Conn, ControlServer, Input, Reply, Request, Waiting};
 use crate::daemon::{ensure_parent, PidFile};
 use crate::errno::describe_io;
 use crate::listen::Listener;
@@ -159,7 +159,6 @@ pub struct Master {
     orphan_pipes: Vec<(Pid, u64, Pipe)>,
     signals: Signals,
     notify: NotifyServer,
-    pid_file: PidFile,
     control: ControlServer,
     started_at: Instant,
     started_wall: SystemTime,
@@ -167,6 +166,8 @@ pub struct Master {
     attempt: u64,
     /// `zdd start` (daemon mode) waits on this pipe for the first generation's outcome.
     start_report: Option<std::fs::File>,
+    /// Dropped after the sockets: while the pid file exists, the lock is held.
+    pid_file: PidFile,
     /// Declared last, so dropped last: a `zdd stop` client sees EOF only after the sockets
     /// and pid file are gone.
     conns: Vec<Conn>,
@@ -297,7 +298,7 @@ impl Master {
                 self.generation,
                 self.config.worker.count
             ),
-            Err(e) => format!("failed {}\n", e.replace('\n', "\n  ")),
+            Err(e) => format!("failed {e}\n"),
         };
         let _ = f.write_all(line.as_bytes());
     }
@@ -439,7 +440,10 @@ impl Master {
                 Ok(())
             }
             Err(e) => {
-                let msg = format!("reopening the log failed; still writing to the old file: {}", describe_io(&e));
+                let msg = format!(
+                    "reopening the log failed; still writing to the old file: {}",
+                    describe_io(&e)
+                );
                 error!(self.log, "{}", msg);
                 Err(msg)
             }
@@ -752,7 +756,10 @@ impl Master {
             if n != self.generation || self.phase == Phase::Starting {
                 return reply_err(
                     self,
-                    format!("reload refused: generation {n} is not serving (generation {} is)", self.generation),
+                    format!(
+                        "reload refused: generation {n} is not serving (generation {} is)",
+                        self.generation
+                    ),
                 );
             }
         }
@@ -974,7 +981,9 @@ impl Master {
                         let uid = other.map_or("unknown".to_string(), |u| u.to_string());
                         warn!(self.log, "control: refused a client"; "uid" => &uid, "peer_pid" => c.peer_pid);
                         c.send(&Reply::err(
-                            format!("permission denied: uid {uid} may not control this master (only root and uid {my_uid})"),
+                            format!(
+                                "permission denied: uid {uid} may not control this master (only root and uid {my_uid})"
+                            ),
                             Value::Null,
                         ));
                     }
@@ -1002,7 +1011,10 @@ impl Master {
             if c.deadline.is_some_and(|d| d <= now) {
                 c.deadline = None;
                 c.send(&Reply::err(
-                    format!("request timed out: no complete request line within {:?}", crate::control::REQUEST_TIMEOUT),
+                    format!(
+                        "request timed out: no complete request line within {:?}",
+                        crate::control::REQUEST_TIMEOUT
+                    ),
                     Value::Null,
                 ));
             }

@@ -446,7 +446,10 @@ fn unix_listener_gets_owner_and_group() {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(z.path("u.sock")).unwrap();
     assert_eq!(meta.uid(), nobody.uid.as_raw());
-    assert_eq!(meta.gid(), nix::unistd::Group::from_name("nogroup").unwrap().unwrap().gid.as_raw());
+    assert_eq!(
+        meta.gid(),
+        nix::unistd::Group::from_name("nogroup").unwrap().unwrap().gid.as_raw()
+    );
     assert_eq!(meta.mode() & 0o777, 0o660);
     z.stop();
 }
