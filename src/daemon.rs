@@ -126,31 +126,6 @@ impl Drop for PidFile {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn second_lock_reports_the_holder() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("run/app.pid");
-        let first = PidFile::acquire(&path).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&path).unwrap(),
-            format!("{}\n", std::process::id())
-        );
-        let err = PidFile::acquire(&path).err().unwrap().to_string();
-        assert!(
-            err.starts_with(&format!("already running, pid {}", std::process::id())),
-            "{err}"
-        );
-        drop(first);
-        assert!(!path.exists());
-        let again = PidFile::acquire(&path).unwrap();
-        drop(again);
-    }
-}
-
 /// `zdd start` without `--foreground`.
 ///
 /// Everything that can fail on the operator's terminal happens before detaching: the config is
@@ -237,5 +212,30 @@ pub fn start_daemon(config_path: &Path) -> Result<u8, crate::master::StartError>
             drop(master);
             std::process::exit(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_lock_reports_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/app.pid");
+        let first = PidFile::acquire(&path).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            format!("{}\n", std::process::id())
+        );
+        let err = PidFile::acquire(&path).err().unwrap().to_string();
+        assert!(
+            err.starts_with(&format!("already running, pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(first);
+        assert!(!path.exists());
+        let again = PidFile::acquire(&path).unwrap();
+        drop(again);
     }
 }
