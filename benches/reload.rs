@@ -66,13 +66,20 @@ fn main() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut wait_for = |msg: &str, generation: Option<u64>| loop {
-        let line = lines.next().expect("master exited").unwrap();
-        let v: serde_json::Value = match serde_json::from_str(&line) {
-            Ok(v) => v,
-            Err(_) => continue,
-        };
+    // Read the master's log in a thread, so that it never blocks on a full pipe.
+    let (tx, rx) = std::sync::mpsc::channel::<(String, serde_json::Value)>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send((line, v)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let wait_for = |msg: &str, generation: Option<u64>| loop {
+        let (line, v) = rx.recv().expect("master exited");
         if v["msg"] == msg && generation.is_none_or(|g| v["generation"] == g) {
             return;
         }
@@ -98,6 +105,11 @@ fn main() {
     }
     // Let the last old generation exit before measuring.
     wait_for("worker exited", Some(reloads as u64));
+    // Its log pipes close a moment after the exit is logged.
+    let settle = Instant::now();
+    while fd_count(pid) > fds0 && settle.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let (rss1, fds1) = (rss_kib(pid), fd_count(pid));
     times.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -114,6 +126,34 @@ fn main() {
         reloads / 10
     );
     println!("master fds: {fds0} before, {fds1} after");
-    nix::sys::signal::kill(master, nix::sys::signal::Signal::SIGTERM).unwrap();
+
+    // The same through the command line: `zdd reload` forks, connects, waits for the outcome.
+    let cli_runs = (reloads / 5).max(10);
+    let mut cli = Vec::with_capacity(cli_runs);
+    for _ in 0..cli_runs {
+        let t0 = Instant::now();
+        let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
+            .args(["reload", "-c"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        cli.push(t0.elapsed());
+        assert!(st.success());
+    }
+    cli.sort();
+    println!(
+        "`zdd reload` round trip ({cli_runs} runs, including the CLI process): median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+        ms(percentile(&cli, 0.5)),
+        ms(percentile(&cli, 0.9)),
+        ms(percentile(&cli, 0.99)),
+    );
+    let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
+        .args(["stop", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
     child.wait().unwrap();
 }
