@@ -190,6 +190,7 @@ impl Master {
     pub fn start(config: Config, log: Logger, sink: Sink) -> Result<Master, StartError> {
         let config = Rc::new(config);
         let m = &config.master;
+        crate::spawn::check_credentials(&config.worker).map_err(|e| StartError::Other(e.to_string()))?;
         let pid_file = PidFile::acquire(&m.pid_file)?;
         ensure_parent(&m.notify_socket).map_err(|e| {
             StartError::Other(format!(
@@ -840,6 +841,9 @@ impl Master {
                     Err(e) => return fail(self, format!("reload failed; nothing changed: {e}")),
                 },
             }
+        }
+        if let Err(e) = crate::spawn::check_credentials(&config.worker) {
+            return fail(self, format!("reload failed; nothing changed: {e}"));
         }
         if let Some(c) = &config.worker.credentials {
             if let Err(e) = self.notify.set_owner(Some(c.uid)) {

@@ -39,6 +39,10 @@ pub enum SpawnError {
     NotFound(String),
     #[error("{op}: {}", describe(*errno))]
     Master { op: &'static str, errno: Errno },
+    #[error(
+        "worker.user/worker.group: running workers as {user} needs a master running as root (it runs as uid {uid})"
+    )]
+    NeedsRoot { user: String, uid: u32 },
     #[error("{step} {object}: {}", describe(*errno))]
     Child {
         step: &'static str,
@@ -71,7 +75,8 @@ const STEP_GROUPS: u8 = 3;
 const STEP_SETGID: u8 = 4;
 const STEP_SETUID: u8 = 5;
 const STEP_PDEATHSIG: u8 = 6;
-const STEP_RLIMIT: u8 = 7;
+/// `STEP_RLIMIT + i` for the i-th configured limit.
+const STEP_RLIMIT: u8 = 32;
 const STEP_CHDIR: u8 = 8;
 const STEP_EXEC: u8 = 9;
 
@@ -165,6 +170,25 @@ fn build_env(spec: &SpawnSpec<'_>) -> (Vec<Vec<u8>>, Option<usize>) {
     (env, pid_slot)
 }
 
+/// The worker's credentials if they differ from the master's: equal ones need no change (and
+/// no privilege).
+fn changed_credentials(w: &WorkerConfig) -> Option<&crate::config::Credentials> {
+    w.credentials
+        .as_ref()
+        .filter(|c| c.uid != nix::unistd::geteuid() || c.gid != nix::unistd::getegid())
+}
+
+/// Changing credentials needs a root master: say so before anything else is tried.
+pub fn check_credentials(w: &WorkerConfig) -> Result<(), SpawnError> {
+    match changed_credentials(w) {
+        Some(c) if !nix::unistd::geteuid().is_root() => Err(SpawnError::NeedsRoot {
+            user: c.user.clone().unwrap_or_else(|| c.uid.to_string()),
+            uid: nix::unistd::geteuid().as_raw(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Fork and exec one worker. Returns once exec succeeded, or with the step that failed.
 pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     let w = spec.worker;
@@ -194,7 +218,8 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     };
 
     let cwd_c = w.cwd.as_ref().map(|c| cstring(c.as_os_str().as_bytes()));
-    let creds = w.credentials.as_ref();
+    check_credentials(w)?;
+    let creds = changed_credentials(w);
     let groups: Vec<libc::gid_t> = match creds {
         Some(c) => match &c.user {
             Some(name) => {
@@ -325,7 +350,13 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         STEP_SETGID => ("setgid", gid.map(|g| g.to_string()).unwrap_or_default()),
         STEP_SETUID => ("setuid", uid.map(|u| u.to_string()).unwrap_or_default()),
         STEP_PDEATHSIG => ("prctl PR_SET_PDEATHSIG", String::new()),
-        STEP_RLIMIT => ("setrlimit", String::new()),
+        n if n >= STEP_RLIMIT => match spec.rlimits.get((n - STEP_RLIMIT) as usize) {
+            Some(r) => (
+                "setrlimit",
+                format!("{} (soft {}, hard {})", r.name, limit_text(r.soft), limit_text(r.hard)),
+            ),
+            None => ("setrlimit", String::new()),
+        },
         STEP_CHDIR => (
             "chdir",
             w.cwd.as_ref().map(|c| c.display().to_string()).unwrap_or_default(),
@@ -333,6 +364,14 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         _ => ("exec", program.display().to_string()),
     };
     Err(SpawnError::Child { step, object, errno })
+}
+
+fn limit_text(v: u64) -> String {
+    if v == libc::RLIM_INFINITY {
+        "infinity".into()
+    } else {
+        v.to_string()
+    }
 }
 
 struct ChildPlan<'a> {
@@ -476,9 +515,9 @@ unsafe fn child_after_fork(plan: ChildPlan<'_>) -> ! {
     }
 
     // 6. Limits, umask, cwd, exec.
-    for (resource, lim) in plan.rlimits {
+    for (i, (resource, lim)) in plan.rlimits.iter().enumerate() {
         if libc::setrlimit(*resource as _, lim) != 0 {
-            fail(report_fd, STEP_RLIMIT);
+            fail(report_fd, STEP_RLIMIT + i as u8);
         }
     }
     if let Some(mask) = plan.umask {

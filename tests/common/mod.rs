@@ -139,6 +139,7 @@ impl Zdd {
             .spawn()
             .unwrap();
         self.child = Some(child);
+        self.status = None;
         self
     }
 
