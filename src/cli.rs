@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
     version,
     about = "Zero-downtime restarts for any server: a master keeps the listening sockets, workers come and go",
     after_help = "Signals to the master: HUP reload, TERM/INT graceful stop (a second one kills at once), \
-                  USR1 reopen logs.\nExit codes: 0 success, 1 action failed, 2 usage or config error, 3 master not running."
+                  USR1 reopen logs, USR2 upgrade.\nExit codes: 0 success, 1 action failed, 2 usage or config error, 3 master not running."
 )]
 pub struct Cli {
     /// Config file [default: $ZDD_CONFIG, else ./zdd.toml]
@@ -64,6 +64,12 @@ pub enum Command {
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
+    },
+    /// Re-execute the master's binary in place (a new zdd version), keeping sockets and workers
+    Upgrade {
+        /// Give up waiting after this long
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        timeout: Option<Duration>,
     },
     /// Validate the config without touching a running master (like nginx -t)
     Check,

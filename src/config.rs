@@ -112,7 +112,7 @@ pub struct Rlimit {
     pub hard: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 pub enum ListenAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
@@ -143,6 +143,8 @@ pub struct ListenConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub path: PathBuf,
+    /// The text this config was read from: an upgraded master re-reads exactly this.
+    pub source: String,
     pub master: MasterConfig,
     pub worker: WorkerConfig,
     pub rlimits: Vec<Rlimit>,
@@ -338,6 +340,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     }
     Ok(Config {
         path: path.to_path_buf(),
+        source: text.to_string(),
         master,
         worker,
         rlimits,

@@ -43,6 +43,7 @@ pub enum Request {
     Stop {},
     Status {},
     ReopenLogs {},
+    Upgrade {},
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +146,16 @@ impl ControlServer {
         self.listener.as_raw_fd()
     }
 
+    /// Take over the socket handed across an upgrade.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, path: &Path) -> ControlServer {
+        let listener = UnixListener::from(fd);
+        let _ = listener.set_nonblocking(true);
+        ControlServer {
+            listener,
+            path: path.to_path_buf(),
+        }
+    }
+
     /// Accept every pending connection.
     pub fn accept(&self, now: Instant) -> Vec<Conn> {
         let mut out = Vec::new();
@@ -216,6 +227,23 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// A connection handed across an upgrade, waiting for its result.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Conn {
+        let stream = UnixStream::from(fd);
+        let _ = stream.set_nonblocking(true);
+        Conn {
+            waiting: None,
+            stream,
+            peer_uid: None,
+            peer_pid: None,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            deadline: None,
+            closing: false,
+            dead: false,
+        }
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.stream.as_raw_fd()
     }

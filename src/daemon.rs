@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -100,6 +100,21 @@ impl PidFile {
 }
 
 impl PidFile {
+    /// What an upgrade hands over: the locked file's fd, path and inode.
+    pub fn to_state(&self) -> (RawFd, PathBuf, u64) {
+        (self.file.as_raw_fd(), self.path.clone(), self.ino)
+    }
+
+    /// Take over the locked pid file after an upgrade (the lock belongs to the open file,
+    /// which exec keeps).
+    pub fn from_state(fd: std::os::fd::OwnedFd, path: PathBuf, ino: u64) -> PidFile {
+        PidFile {
+            file: File::from(fd),
+            path,
+            ino,
+        }
+    }
+
     /// Write the current pid again (after daemonizing, which changes it).
     pub fn rewrite(&mut self) -> Result<(), PidFileError> {
         let io = |op: &'static str| {

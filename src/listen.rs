@@ -112,14 +112,23 @@ impl Listener {
         Ok(l)
     }
 
-    /// Adopt an already listening socket (from systemd); it is never unlinked by us.
-    #[allow(dead_code)]
-    pub fn adopt(fd: OwnedFd, cfg: &ListenConfig) -> Listener {
+    /// What an upgrade hands to the next master image: the fd number and the identity.
+    pub fn to_state(&self) -> (RawFd, ListenAddr, Option<(PathBuf, u64, u64)>, i32) {
+        (
+            self.raw_fd(),
+            self.addr.clone(),
+            self.created.clone(),
+            self.backlog.get(),
+        )
+    }
+
+    /// Take over a listener handed across an upgrade.
+    pub fn from_state(fd: OwnedFd, addr: ListenAddr, created: Option<(PathBuf, u64, u64)>, backlog: i32) -> Listener {
         Listener {
             fd,
-            addr: cfg.addr.clone(),
-            created: None,
-            backlog: std::cell::Cell::new(cfg.backlog),
+            addr,
+            created,
+            backlog: std::cell::Cell::new(backlog),
         }
     }
 

@@ -16,6 +16,7 @@ mod master;
 mod notify;
 mod relay;
 mod spawn;
+mod upgrade;
 mod worker;
 
 use std::io::Write;
@@ -143,6 +144,15 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             } else {
                 out(&client::format_status(&o.data));
             }
+            Ok(0)
+        }
+        Command::Upgrade { timeout } => {
+            let m = load_master(&cli)?;
+            let o = client::call(&m, &Request::Upgrade {}, *timeout, progress)?;
+            if !o.ok {
+                return Err(fail(1, o.message));
+            }
+            progress(&o.message);
             Ok(0)
         }
         Command::ReopenLogs => {

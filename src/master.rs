@@ -39,6 +39,7 @@ use crate::log::Sink;
 use crate::notify::NotifyServer;
 use crate::relay::{Pipe, Stream};
 use crate::spawn::{spawn, SpawnSpec};
+use crate::upgrade;
 use crate::worker::{Effect, Event, ExitStatus, State, Worker};
 
 /// Crash back-off: 100 ms doubling up to 30 s, forgotten once a worker has lived 10 s.
@@ -166,6 +167,8 @@ pub struct Master {
     attempt: u64,
     /// `zdd start` (daemon mode) waits on this pipe for the first generation's outcome.
     start_report: Option<std::fs::File>,
+    /// The binary to exec on upgrade.
+    exe: std::path::PathBuf,
     /// Dropped after the sockets: while the pid file exists, the lock is held.
     pid_file: PidFile,
     /// Declared last, so dropped last: a `zdd stop` client sees EOF only after the sockets
@@ -238,6 +241,7 @@ impl Master {
             started_wall: SystemTime::now(),
             attempt: 0,
             start_report: None,
+            exe: crate::upgrade::own_exe(),
             conns: Vec::new(),
         })
     }
@@ -249,9 +253,11 @@ impl Master {
         unsafe {
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         }
-        info!(self.log, "starting"; "workers" => self.config.worker.count, "generation" => 1, "pid" => std::process::id());
-        self.slots = vec![Slot::default(); self.config.worker.count];
-        self.spawn_generation(Rc::clone(&self.config), self.listeners.clone(), 1);
+        if self.phase == Phase::Starting {
+            info!(self.log, "starting"; "workers" => self.config.worker.count, "generation" => 1, "pid" => std::process::id());
+            self.slots = vec![Slot::default(); self.config.worker.count];
+            self.spawn_generation(Rc::clone(&self.config), self.listeners.clone(), 1);
+        }
         loop {
             self.advance();
             if self.phase == Phase::Stopping && self.workers.is_empty() {
@@ -427,9 +433,7 @@ impl Master {
             Signal::SIGUSR1 => {
                 let _ = self.reopen_logs();
             }
-            Signal::SIGUSR2 => {
-                warn!(self.log, "SIGUSR2 (upgrade) is not supported by this build; ignored");
-            }
+            Signal::SIGUSR2 => self.upgrade(None),
             _ => {}
         }
     }
@@ -1041,6 +1045,7 @@ impl Master {
                 self.conns[i].send(&reply);
             }
             Request::Reload { if_generation } => self.request_reload(Some(i), if_generation),
+            Request::Upgrade {} => self.upgrade(Some(i)),
             Request::Stop {} => {
                 self.conns[i].waiting = Some(Waiting::Stop);
                 let n = self.workers.iter().filter(|w| w.state.is_alive()).count();
@@ -1102,8 +1107,257 @@ impl Master {
     }
 }
 
-/// `zdd start --foreground`: load the config, run the master, return the exit code.
+impl Master {
+    /// Re-execute the master's binary in place, keeping sockets, workers and their pipes.
+    fn upgrade(&mut self, from: Option<usize>) {
+        let refused = match (self.phase, &self.reload) {
+            (Phase::Starting, _) => Some("the first generation is still starting"),
+            (Phase::Stopping, _) => Some("the master is stopping"),
+            (Phase::Running, Some(_)) => Some("a reload is under way"),
+            (Phase::Running, None) => None,
+        };
+        if let Some(why) = refused {
+            let msg = format!("upgrade refused: {why}");
+            warn!(self.log, "{}", msg);
+            if let Some(i) = from {
+                self.conns[i].send(&Reply::err(msg, Value::Null));
+            }
+            return;
+        }
+        let now = Instant::now();
+        let ms_left = |t: Instant| t.saturating_duration_since(now).as_millis() as u64;
+        let mut all: Vec<Rc<Listener>> = Vec::new();
+        let mut index = |l: &Rc<Listener>| match all.iter().position(|x| Rc::ptr_eq(x, l)) {
+            Some(i) => i,
+            None => {
+                all.push(Rc::clone(l));
+                all.len() - 1
+            }
+        };
+        let current: Vec<usize> = self.listeners.iter().map(&mut index).collect();
+        let unix_ms = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        let workers: Vec<upgrade::WorkerState> = self
+            .workers
+            .iter()
+            .filter(|w| w.state.is_alive())
+            .map(|w| {
+                let (state, remaining_ms, ready_in_ms) = match w.state {
+                    State::Starting { deadline, ready_at } => {
+                        ("starting", Some(ms_left(deadline)), ready_at.map(ms_left))
+                    }
+                    State::Ready => ("ready", None, None),
+                    State::Stopping { kill_at } => ("stopping", Some(ms_left(kill_at)), None),
+                    State::Killed | State::Exited(_) => ("killed", None, None),
+                };
+                upgrade::WorkerState {
+                    pid: w.pid.as_raw(),
+                    generation: w.generation,
+                    slot: w.slot,
+                    state: state.into(),
+                    remaining_ms,
+                    ready_in_ms,
+                    uptime_ms: w.started.elapsed().as_millis() as u64,
+                    started_wall_ms: unix_ms(w.started_wall),
+                    stop_signal: w.stop_signal as i32,
+                    stop_timeout_ms: w.stop_timeout.as_millis() as u64,
+                    pipes: w
+                        .pipes
+                        .iter()
+                        .filter(|p| !p.is_eof())
+                        .map(|p| (p.stream.as_str().to_string(), p.raw_fd(), p.partial().to_vec()))
+                        .collect(),
+                    listeners: w._listeners.iter().map(&mut index).collect(),
+                    tail: w.tail.iter().cloned().collect(),
+                    status_text: w.status_text.clone(),
+                }
+            })
+            .collect();
+        let state = upgrade::State {
+            from_version: env!("CARGO_PKG_VERSION").into(),
+            exe: self.exe.clone(),
+            config_path: self.config.path.clone(),
+            config_text: self.config.source.clone(),
+            generation: self.generation,
+            next_generation: self.next_generation,
+            attempt: self.attempt,
+            uptime_ms: self.started_at.elapsed().as_millis() as u64,
+            started_wall_ms: unix_ms(self.started_wall),
+            notify_fd: self.notify.raw_fd(),
+            control_fd: self.control.raw_fd(),
+            pid_file: self.pid_file.to_state(),
+            listeners: all
+                .iter()
+                .map(|l| {
+                    let (fd, addr, created, backlog) = l.to_state();
+                    upgrade::ListenerState {
+                        fd,
+                        addr,
+                        created,
+                        backlog,
+                    }
+                })
+                .collect(),
+            current,
+            workers,
+            slots: self
+                .slots
+                .iter()
+                .map(|s| upgrade::SlotState {
+                    failures: s.failures,
+                    restarts: s.restarts,
+                    restart_in_ms: s.restart_at.map(ms_left),
+                })
+                .collect(),
+            orphan_pipes: self
+                .orphan_pipes
+                .iter()
+                .map(|(pid, g, p)| (pid.as_raw(), *g, p.stream.as_str().to_string(), p.raw_fd()))
+                .collect(),
+            reply_fd: from.map(|i| self.conns[i].raw_fd()),
+        };
+        info!(self.log, "upgrading: re-executing the master"; "exe" => self.exe.display().to_string());
+        if let Some(i) = from {
+            self.conns[i].send(&Reply::progress(format!("re-executing {}", self.exe.display())));
+        }
+        let _ = self.sink.flush();
+        let reason = upgrade::exec(&state);
+        let msg = format!("upgrade failed: {reason}; the master carries on unchanged");
+        error!(self.log, "{}", msg);
+        if let Some(i) = from {
+            self.conns[i].send(&Reply::err(msg, Value::Null));
+        }
+    }
+
+    /// The new image after an upgrade: the same master, rebuilt around the fds it was handed.
+    pub fn resume(state: upgrade::State, log: Logger, sink: Sink) -> Result<Master, StartError> {
+        let config = Rc::new(config::parse(&state.config_path, &state.config_text)?);
+        let all: Vec<Rc<Listener>> = state
+            .listeners
+            .into_iter()
+            .map(|l| Rc::new(Listener::from_state(upgrade::own(l.fd), l.addr, l.created, l.backlog)))
+            .collect();
+        let now = Instant::now();
+        let wall = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        let workers = state
+            .workers
+            .into_iter()
+            .map(|w| {
+                let state = match w.state.as_str() {
+                    "starting" => State::Starting {
+                        deadline: now + Duration::from_millis(w.remaining_ms.unwrap_or(0)),
+                        ready_at: w.ready_in_ms.map(|ms| now + Duration::from_millis(ms)),
+                    },
+                    "ready" => State::Ready,
+                    "stopping" => State::Stopping {
+                        kill_at: now + Duration::from_millis(w.remaining_ms.unwrap_or(0)),
+                    },
+                    _ => State::Killed,
+                };
+                Worker {
+                    pid: Pid::from_raw(w.pid),
+                    generation: w.generation,
+                    slot: w.slot,
+                    state,
+                    started: now.checked_sub(Duration::from_millis(w.uptime_ms)).unwrap_or(now),
+                    started_wall: wall(w.started_wall_ms),
+                    stop_signal: Signal::try_from(w.stop_signal).unwrap_or(Signal::SIGTERM),
+                    stop_timeout: Duration::from_millis(w.stop_timeout_ms),
+                    pipes: w
+                        .pipes
+                        .into_iter()
+                        .map(|(s, fd, partial)| Pipe::resume(upgrade::own(fd), Stream::parse(&s), partial))
+                        .collect(),
+                    tail: w.tail.into_iter().collect(),
+                    status_text: w.status_text,
+                    _listeners: w.listeners.iter().filter_map(|&i| all.get(i).cloned()).collect(),
+                }
+            })
+            .collect();
+        let signals = Signals::install().map_err(|e| StartError::Other(format!("installing signal handlers: {e}")))?;
+        // The old image blocked every signal for the exec; our handlers are in place now.
+        // SAFETY: an empty sigset_t initialised by sigemptyset.
+        unsafe {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        }
+        let m = &config.master;
+        let (pid_fd, pid_path, pid_ino) = state.pid_file;
+        let mut conns = Vec::new();
+        if let Some(fd) = state.reply_fd {
+            conns.push(Conn::from_fd(upgrade::own(fd)));
+        }
+        let mut master = Master {
+            notify: NotifyServer::from_fd(upgrade::own(state.notify_fd), &m.notify_socket),
+            control: ControlServer::from_fd(upgrade::own(state.control_fd), &m.control_socket),
+            pid_file: PidFile::from_state(upgrade::own(pid_fd), pid_path, pid_ino),
+            log,
+            sink,
+            listeners: state.current.iter().filter_map(|&i| all.get(i).cloned()).collect(),
+            config,
+            generation: state.generation,
+            next_generation: state.next_generation,
+            workers,
+            slots: state
+                .slots
+                .into_iter()
+                .map(|s| Slot {
+                    failures: s.failures,
+                    restarts: s.restarts,
+                    restart_at: s.restart_in_ms.map(|ms| now + Duration::from_millis(ms)),
+                })
+                .collect(),
+            reload: None,
+            reload_again: false,
+            start_failure: None,
+            phase: Phase::Running,
+            exit_code: 0,
+            orphan_pipes: state
+                .orphan_pipes
+                .into_iter()
+                .map(|(pid, g, s, fd)| (Pid::from_raw(pid), g, Pipe::new(upgrade::own(fd), Stream::parse(&s))))
+                .collect(),
+            signals,
+            started_at: now.checked_sub(Duration::from_millis(state.uptime_ms)).unwrap_or(now),
+            started_wall: wall(state.started_wall_ms),
+            attempt: state.attempt,
+            start_report: None,
+            exe: upgrade::own_exe(),
+            conns,
+        };
+        let alive = master.workers.len();
+        info!(master.log, "upgraded: master re-executed";
+            "from_version" => &state.from_version, "version" => env!("CARGO_PKG_VERSION"),
+            "workers" => alive, "generation" => master.generation, "pid" => std::process::id());
+        let message = format!(
+            "upgraded: master pid {} now runs zdd {} (was {}); generation {} with {alive} worker{} kept",
+            std::process::id(),
+            env!("CARGO_PKG_VERSION"),
+            state.from_version,
+            master.generation,
+            if alive == 1 { "" } else { "s" }
+        );
+        let data = json!({ "pid": std::process::id(), "generation": master.generation });
+        for c in &mut master.conns {
+            c.send(&Reply::ok(message.clone(), data.clone()));
+        }
+        Ok(master)
+    }
+}
+
+/// `zdd start --foreground`: load the config, run the master, return the exit code. After an
+/// upgrade's exec, it resumes the master from the state handed over instead.
 pub fn run_foreground(config_path: &Path) -> Result<i32, StartError> {
+    if let Some(state) = upgrade::take_state() {
+        let state = state.map_err(StartError::Other)?;
+        let config = config::parse(&state.config_path, &state.config_text)?;
+        let (log, sink) = crate::log::build(&config.master.log, config.master.log_format)
+            .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;
+        return Ok(Master::resume(state, log, sink)?.run());
+    }
     let config = config::load(config_path)?;
     let (log, sink) = crate::log::build(&config.master.log, config.master.log_format)
         .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;

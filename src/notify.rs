@@ -111,6 +111,14 @@ impl NotifyServer {
         Ok(server)
     }
 
+    /// Take over the socket handed across an upgrade.
+    pub fn from_fd(fd: OwnedFd, path: &Path) -> NotifyServer {
+        NotifyServer {
+            fd,
+            path: path.to_path_buf(),
+        }
+    }
+
     /// Give the socket file to the workers' user, so that they can write to it.
     pub fn set_owner(&self, owner: Option<nix::unistd::Uid>) -> Result<(), NotifyError> {
         let uid = owner.unwrap_or_else(nix::unistd::Uid::effective);

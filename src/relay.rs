@@ -31,6 +31,14 @@ impl Stream {
             Stream::Stderr => "stderr",
         }
     }
+
+    pub fn parse(s: &str) -> Stream {
+        if s == "stderr" {
+            Stream::Stderr
+        } else {
+            Stream::Stdout
+        }
+    }
 }
 
 /// The master's read end of one worker stream.
@@ -55,6 +63,18 @@ impl Pipe {
             buf: Vec::with_capacity(8192),
             eof: false,
         }
+    }
+
+    /// The bytes of a line not yet complete (handed across an upgrade).
+    pub fn partial(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Continue a pipe handed across an upgrade, with its incomplete line.
+    pub fn resume(fd: OwnedFd, stream: Stream, partial: Vec<u8>) -> Pipe {
+        let mut p = Pipe::new(fd, stream);
+        p.buf = partial;
+        p
     }
 
     pub fn raw_fd(&self) -> RawFd {

@@ -1,0 +1,215 @@
+//! `zdd upgrade` / SIGUSR2: the master re-executes its binary, keeping its pid, listeners,
+//! workers, their log pipes, the notify and control sockets and the pid-file lock.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use common::*;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn daemon_config(port: u16, args: &[&str], worker_extra: &str) -> String {
+    format!(
+        "[master]\nlog = \"{{dir}}/zdd.log\"\nlog_format = \"json\"\ncontrol_socket = \"run/app.sock\"\n\n\
+         [worker]\ncommand = {}\nstop_timeout = \"10s\"\n{worker_extra}\n\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n",
+        toml_list(&[&["{fixture}"], args].concat())
+    )
+}
+
+fn zdd(z: &Zdd, args: &[&str]) -> Output {
+    z.command(args).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn status(z: &Zdd) -> Value {
+    let o = zdd(z, &["status", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    serde_json::from_str(&text(&o.stdout)).unwrap()
+}
+
+fn worker_pids(s: &Value) -> Vec<(i64, i64)> {
+    s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["pid"].as_i64().unwrap(), w["generation"].as_i64().unwrap()))
+        .collect()
+}
+
+fn fd_count(pid: i64) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[test]
+fn fifty_upgrades_under_load_keep_everything_and_lose_no_connection() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let z = Zdd::new(&daemon_config(port, &["--ready", "--serve"], "count = 2"));
+    assert_eq!(zdd(&z, &["start"]).status.code(), Some(0));
+    // A reload first, so that the hand-over includes a generation number above 1.
+    assert_eq!(zdd(&z, &["reload"]).status.code(), Some(0));
+    ask_gen(addr, 2);
+    let before = status(&z);
+    let pid = before["pid"].as_i64().unwrap();
+    let fds_before = fd_count(pid);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let client = {
+        let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) && start.elapsed() < DEADLINE * 4 {
+                if let Err(e) = ask(addr) {
+                    failures.lock().unwrap().push(format!("{:?}: {e}", start.elapsed()));
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    for i in 0..50 {
+        let o = zdd(&z, &["upgrade"]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "upgrade {i}: {}{}",
+            text(&o.stderr),
+            z.log_text()
+        );
+        assert!(
+            text(&o.stdout).contains(&format!("upgraded: master pid {pid} now runs zdd")),
+            "{}",
+            text(&o.stdout)
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    let requests = client.join().unwrap();
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} connections failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+
+    let after = status(&z);
+    assert_eq!(after["pid"], pid);
+    assert_eq!(after["generation"], 2);
+    let live =
+        |s: &Value| -> BTreeSet<(i64, i64)> { worker_pids(s).into_iter().filter(|(p, _)| alive(*p as i32)).collect() };
+    let serving: BTreeSet<_> = live(&after).into_iter().filter(|(_, g)| *g == 2).collect();
+    assert_eq!(
+        serving,
+        live(&before).into_iter().filter(|(_, g)| *g == 2).collect(),
+        "the same workers serve"
+    );
+    assert_eq!(fd_count(pid), fds_before, "fds of the master grew over 50 upgrades");
+    assert!(
+        after["uptime_secs"].as_u64() >= before["uptime_secs"].as_u64(),
+        "uptime restarted at the upgrade"
+    );
+
+    // Everything still works afterwards: reload, then stop with nothing left behind.
+    assert_eq!(zdd(&z, &["reload"]).status.code(), Some(0));
+    ask_gen(addr, 3);
+    let o = zdd(&z, &["stop"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    assert!(!alive(pid as i32));
+    z.assert_clean();
+}
+
+#[test]
+fn sigusr2_upgrades_and_no_log_line_is_lost() {
+    let mut z = Zdd::spawn("[worker]\ncommand = [\"{fixture}\", \"--ready\", \"--tick\", \"1\"]\n");
+    z.wait_ready();
+    for n in 1..=10 {
+        z.signal(Signal::SIGUSR2);
+        z.wait_msg_n("upgraded: master re-executed", n);
+    }
+    z.stop();
+    let ticks: Vec<u64> = z
+        .records()
+        .iter()
+        .filter_map(|r| {
+            r["msg"]
+                .as_str()
+                .and_then(|m| m.strip_prefix("tick "))
+                .map(|n| n.parse().unwrap())
+        })
+        .collect();
+    let last = *ticks.last().unwrap();
+    assert_eq!(
+        ticks,
+        (1..=last).collect::<Vec<_>>(),
+        "tick lines lost or reordered across upgrades"
+    );
+}
+
+#[test]
+fn failed_exec_leaves_the_old_master_running() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let z = Zdd::new(&daemon_config(port, &["--ready", "--serve"], ""));
+    // Start from a copy of the binary, then remove the copy: the upgrade's exec must fail.
+    let copy = z.path("zdd-copy");
+    std::fs::copy(zdd_bin(), &copy).unwrap();
+    let o = std::process::Command::new(&copy)
+        .args(["start", "-c"])
+        .arg(&z.config)
+        .env("FIXTURE_REPORT_DIR", z.reports())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let before = status(&z);
+    std::fs::remove_file(&copy).unwrap();
+    let o = zdd(&z, &["upgrade"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("upgrade failed: exec ") && e.contains("zdd-copy: no such file or directory (ENOENT)"),
+        "{e}"
+    );
+    assert!(e.contains("the master carries on unchanged"), "{e}");
+    let after = status(&z);
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(worker_pids(&after), worker_pids(&before));
+    assert_eq!(ask(addr).unwrap().1, 1);
+    // Signals still work after the failed attempt (the mask was restored).
+    assert_eq!(zdd(&z, &["reload"]).status.code(), Some(0));
+    ask_gen(addr, 2);
+    assert_eq!(zdd(&z, &["stop"]).status.code(), Some(0));
+    z.assert_clean();
+}
+
+#[test]
+fn upgrade_is_refused_during_a_reload() {
+    let port = free_port();
+    let z = Zdd::new(&daemon_config(port, &["--ready-after", "500", "--serve"], ""));
+    assert_eq!(zdd(&z, &["start"]).status.code(), Some(0));
+    let reload = z
+        .command(&["reload"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the reload to start", DEADLINE, || status(&z)["reloading"].as_u64());
+    let o = zdd(&z, &["upgrade"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o.stderr).contains("upgrade refused: a reload is under way"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(reload.wait_with_output().unwrap().status.code(), Some(0));
+    assert_eq!(zdd(&z, &["stop"]).status.code(), Some(0));
+    z.assert_clean();
+}
