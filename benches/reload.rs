@@ -148,6 +148,29 @@ fn main() {
         ms(percentile(&cli, 0.9)),
         ms(percentile(&cli, 0.99)),
     );
+    // Upgrades: the master re-executes itself, keeping everything.
+    let fds_pre = fd_count(pid);
+    let mut up = Vec::with_capacity(100);
+    for _ in 0..100 {
+        let t0 = Instant::now();
+        let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
+            .args(["upgrade", "-c"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        up.push(t0.elapsed());
+        assert!(st.success());
+    }
+    up.sort();
+    println!(
+        "`zdd upgrade` round trip (100 runs): median {:.2} ms, p90 {:.2} ms, max {:.2} ms; master fds {fds_pre} before, {} after; RSS {} KiB after",
+        ms(percentile(&up, 0.5)),
+        ms(percentile(&up, 0.9)),
+        ms(*up.last().unwrap()),
+        fd_count(pid),
+        rss_kib(pid)
+    );
     let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
         .args(["stop", "-c"])
         .arg(&config)
