@@ -271,3 +271,62 @@ pub fn socket_is_live(path: &Path) -> bool {
     // A full backlog answers EAGAIN, which still means somebody listens.
     !matches!(connect(fd.as_raw_fd(), &ua), Err(Errno::ECONNREFUSED | Errno::ENOENT))
 }
+
+/// Sockets passed to the master itself by systemd (socket activation): the fds 3.. with their
+/// names, if LISTEN_PID is this process. The variables are removed from the master's
+/// environment once read, and the fds made close-on-exec like every other fd of the master.
+pub fn take_systemd_sockets() -> Vec<(Option<String>, OwnedFd)> {
+    let pid_ok = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let n: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|s| s.split(':').map(String::from).collect())
+        .unwrap_or_default();
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    if !pid_ok || n <= 0 {
+        return Vec::new();
+    }
+    (0..n)
+        .map(|i| {
+            let fd = 3 + i;
+            // SAFETY: systemd passed fds 3..3+LISTEN_FDS to this process for it to own.
+            let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+            (
+                names
+                    .get(i as usize)
+                    .cloned()
+                    .filter(|n| !n.is_empty() && n != "unknown"),
+                owned,
+            )
+        })
+        .collect()
+}
+
+/// The address a socket is bound to, in config terms.
+pub fn bound_addr(fd: &OwnedFd) -> Option<ListenAddr> {
+    let ss: socket::SockaddrStorage = socket::getsockname(fd.as_raw_fd()).ok()?;
+    if let Some(a) = ss.as_sockaddr_in() {
+        return Some(ListenAddr::Tcp(std::net::SocketAddr::V4(std::net::SocketAddrV4::from(
+            *a,
+        ))));
+    }
+    if let Some(a) = ss.as_sockaddr_in6() {
+        return Some(ListenAddr::Tcp(std::net::SocketAddr::V6(std::net::SocketAddrV6::from(
+            *a,
+        ))));
+    }
+    let u = ss.as_unix_addr()?;
+    if let Some(p) = u.path() {
+        return Some(ListenAddr::Unix(p.to_path_buf()));
+    }
+    u.as_abstract()
+        .map(|a| ListenAddr::Abstract(String::from_utf8_lossy(a).into_owned()))
+}

@@ -14,7 +14,7 @@
 //! untouched. Reload requests that arrive meanwhile set `reload_again`: one more reload after.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::rc::Rc;
@@ -36,7 +36,7 @@ use crate::daemon::{ensure_parent, PidFile};
 use crate::errno::describe_io;
 use crate::listen::Listener;
 use crate::log::Sink;
-use crate::notify::NotifyServer;
+use crate::notify::{monotonic_usec, NotifyServer, SystemdNotifier};
 use crate::relay::{Pipe, Stream};
 use crate::spawn::{spawn, SpawnSpec};
 use crate::upgrade;
@@ -169,6 +169,8 @@ pub struct Master {
     start_report: Option<std::fs::File>,
     /// The binary to exec on upgrade.
     exe: std::path::PathBuf,
+    /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
+    systemd: Option<SystemdNotifier>,
     /// Dropped after the sockets: while the pid file exists, the lock is held.
     pid_file: PidFile,
     /// Declared last, so dropped last: a `zdd stop` client sees EOF only after the sockets
@@ -212,11 +214,37 @@ impl Master {
             ))
         })?;
         let control = ControlServer::bind(&m.control_socket)?;
+        // Sockets systemd passed to us are adopted for the [[listen]] entries they match, by
+        // name first, else by address; the rest are bound here.
+        let mut inherited: Vec<(Option<String>, OwnedFd)> = crate::listen::take_systemd_sockets();
         let mut listeners = Vec::with_capacity(config.listen.len());
         for lc in &config.listen {
-            let l = Listener::bind(lc)?;
-            info!(log, "listening"; "addr" => l.local_addr(), "name" => &lc.name);
+            let found = inherited
+                .iter()
+                .position(|(name, _)| name.as_deref() == Some(lc.name.as_str()))
+                .or_else(|| {
+                    inherited
+                        .iter()
+                        .position(|(_, fd)| crate::listen::bound_addr(fd).as_ref() == Some(&lc.addr))
+                });
+            let l = match found {
+                Some(i) => {
+                    let (_, fd) = inherited.remove(i);
+                    let l = Listener::from_state(fd, lc.addr.clone(), None, lc.backlog);
+                    info!(log, "adopted socket from systemd"; "addr" => l.local_addr(), "name" => &lc.name);
+                    l
+                }
+                None => {
+                    let l = Listener::bind(lc)?;
+                    info!(log, "listening"; "addr" => l.local_addr(), "name" => &lc.name);
+                    l
+                }
+            };
             listeners.push(Rc::new(l));
+        }
+        for (name, fd) in inherited {
+            warn!(log, "a socket passed by systemd matches no [[listen]] entry; closed";
+                "name" => name.unwrap_or_default(), "addr" => crate::listen::bound_addr(&fd).map(|a| a.to_string()).unwrap_or_default());
         }
         Ok(Master {
             log,
@@ -242,6 +270,7 @@ impl Master {
             attempt: 0,
             start_report: None,
             exe: crate::upgrade::own_exe(),
+            systemd: SystemdNotifier::from_env(),
             conns: Vec::new(),
         })
     }
@@ -720,6 +749,7 @@ impl Master {
                     self.phase = Phase::Running;
                     info!(self.log, "ready"; "workers" => self.config.worker.count, "generation" => self.generation);
                     self.report_start(Ok(()));
+                    self.tell_systemd(format!("READY=1\nSTATUS={}", self.serving_status()));
                 }
             }
             Phase::Running => {
@@ -789,6 +819,22 @@ impl Master {
         }
     }
 
+    /// Tell systemd, if it is listening.
+    fn tell_systemd(&self, message: String) {
+        if let Some(s) = &self.systemd {
+            s.send(&message);
+        }
+    }
+
+    fn serving_status(&self) -> String {
+        let n = self.config.worker.count;
+        format!(
+            "generation {} serving ({n} worker{})",
+            self.generation,
+            if n == 1 { "" } else { "s" }
+        )
+    }
+
     /// Send a progress line to every client waiting for reload attempt `attempt`.
     fn progress(&mut self, attempt: u64, message: String) {
         let reply = Reply::progress(message);
@@ -818,9 +864,14 @@ impl Master {
         self.attempt += 1;
         let generation = self.next_generation;
         info!(self.log, "reloading"; "generation" => generation);
+        self.tell_systemd(format!(
+            "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading: starting generation {generation}",
+            monotonic_usec()
+        ));
         self.progress(self.attempt, format!("reading {}", self.config.path.display()));
         let fail = |m: &mut Master, msg: String| {
             error!(m.log, "{}", msg; "generation" => generation);
+            m.tell_systemd(format!("READY=1\nSTATUS={msg}; {}", m.serving_status()));
             m.finish_reload(Err((msg, json!({ "generation": m.generation }))));
         };
         let config = match config::load(&self.config.path) {
@@ -870,6 +921,9 @@ impl Master {
 
     /// Start every worker of a generation; the first that cannot be started fails it.
     fn spawn_generation(&mut self, config: Rc<Config>, listeners: Vec<Rc<Listener>>, generation: u64) {
+        // Workers may take up to start_timeout to be ready: let systemd wait that long too.
+        let extend = config.worker.start_timeout + Duration::from_secs(5);
+        self.tell_systemd(format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros()));
         for slot in 0..config.worker.count {
             if let Err(reason) = self.spawn_worker(&config, &listeners, generation, slot) {
                 self.generation_failed(generation, slot, reason, vec![]);
@@ -902,6 +956,7 @@ impl Master {
             "reloaded: generation {} serving ({} workers); generation {old} signalled to stop",
             self.generation, self.config.worker.count
         );
+        self.tell_systemd(format!("READY=1\nSTATUS={}", self.serving_status()));
         self.finish_reload(Ok((
             message,
             json!({ "generation": self.generation, "old_generation": old }),
@@ -950,6 +1005,7 @@ impl Master {
             "reload failed: {}; generation {} keeps serving",
             f.reason, self.generation
         );
+        self.tell_systemd(format!("READY=1\nSTATUS={message}"));
         self.finish_reload(Err((
             message,
             json!({ "generation": self.generation, "failed_generation": r.generation, "tail": f.tail }),
@@ -961,6 +1017,7 @@ impl Master {
             self.report_start(Err("stopped by a signal during start-up".into()));
         }
         self.phase = Phase::Stopping;
+        self.tell_systemd("STOPPING=1\nSTATUS=stopping".into());
         if self.reload.take().is_some() || self.reload_again {
             let msg = "reload cancelled: the master is stopping".to_string();
             self.finish_reload(Err((msg.clone(), Value::Null)));
@@ -1326,6 +1383,7 @@ impl Master {
             attempt: state.attempt,
             start_report: None,
             exe: upgrade::own_exe(),
+            systemd: SystemdNotifier::from_env(),
             conns,
         };
         let alive = master.workers.len();

@@ -227,3 +227,43 @@ mod tests {
         assert!(!path.exists());
     }
 }
+
+/// The client side: the master telling systemd about itself (Type=notify / notify-reload),
+/// when it was started with NOTIFY_SOCKET (a path, or `@name` for the abstract namespace).
+pub struct SystemdNotifier {
+    fd: OwnedFd,
+    addr: UnixAddr,
+}
+
+impl SystemdNotifier {
+    /// From the master's own environment; None when not run by systemd.
+    pub fn from_env() -> Option<SystemdNotifier> {
+        let raw = std::env::var_os("NOTIFY_SOCKET")?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(raw.as_os_str());
+        let addr = match bytes.first()? {
+            b'@' => UnixAddr::new_abstract(&bytes[1..]).ok()?,
+            b'/' => UnixAddr::new(Path::new(&raw)).ok()?,
+            _ => return None,
+        };
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .ok()?;
+        Some(SystemdNotifier { fd, addr })
+    }
+
+    /// Send one message; systemd being away is not the master's problem.
+    pub fn send(&self, message: &str) {
+        let _ = nix::sys::socket::sendto(self.fd.as_raw_fd(), message.as_bytes(), &self.addr, MsgFlags::empty());
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds, for `MONOTONIC_USEC=`.
+pub fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0)
+}
