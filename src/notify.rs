@@ -194,40 +194,6 @@ impl Drop for NotifyServer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_assignments() {
-        let f = parse(b"READY=1\nSTATUS=serving 3 requests\ngarbage\nMAINPID=42\n");
-        assert_eq!(
-            f,
-            vec![
-                ("READY".into(), "1".into()),
-                ("STATUS".into(), "serving 3 requests".into()),
-                ("MAINPID".into(), "42".into())
-            ]
-        );
-    }
-
-    #[test]
-    fn receives_with_credentials() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("n.sock");
-        let server = NotifyServer::bind(&path, None).unwrap();
-        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
-        client.send_to(b"READY=1\nSTATUS=hi", &path).unwrap();
-        let msgs = server.receive();
-        assert_eq!(msgs.len(), 1);
-        assert_eq!(msgs[0].pid, nix::unistd::getpid());
-        assert_eq!(msgs[0].get("READY"), Some("1"));
-        assert_eq!(msgs[0].get("STATUS"), Some("hi"));
-        drop(server);
-        assert!(!path.exists());
-    }
-}
-
 /// The client side: the master telling systemd about itself (Type=notify / notify-reload),
 /// when it was started with NOTIFY_SOCKET (a path, or `@name` for the abstract namespace).
 pub struct SystemdNotifier {
@@ -266,4 +232,38 @@ pub fn monotonic_usec() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_assignments() {
+        let f = parse(b"READY=1\nSTATUS=serving 3 requests\ngarbage\nMAINPID=42\n");
+        assert_eq!(
+            f,
+            vec![
+                ("READY".into(), "1".into()),
+                ("STATUS".into(), "serving 3 requests".into()),
+                ("MAINPID".into(), "42".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn receives_with_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.sock");
+        let server = NotifyServer::bind(&path, None).unwrap();
+        let client = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        client.send_to(b"READY=1\nSTATUS=hi", &path).unwrap();
+        let msgs = server.receive();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].pid, nix::unistd::getpid());
+        assert_eq!(msgs[0].get("READY"), Some("1"));
+        assert_eq!(msgs[0].get("STATUS"), Some("hi"));
+        drop(server);
+        assert!(!path.exists());
+    }
 }
