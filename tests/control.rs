@@ -6,39 +6,11 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::process::Output;
 use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
 use serde_json::Value;
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A config for daemon mode: the master logs to a file in the temp dir.
-fn daemon_config(port: u16, args: &[&str], worker_extra: &str) -> String {
-    format!(
-        "[master]\nlog = \"{{dir}}/zdd.log\"\nlog_format = \"json\"\ncontrol_socket = \"run/app.sock\"\n\n\
-         [worker]\ncommand = {}\nstop_timeout = \"10s\"\n{worker_extra}\n\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n",
-        toml_list(&[&["{fixture}"], args].concat())
-    )
-}
-
-fn zdd(z: &Zdd, args: &[&str]) -> Output {
-    z.command(args).output().unwrap()
-}
-
-fn status(z: &Zdd) -> Value {
-    let o = zdd(z, &["status", "--json"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    serde_json::from_str(&stdout(&o)).unwrap()
-}
 
 fn master_pid(z: &Zdd) -> i32 {
     std::fs::read_to_string(z.path("run/app.pid"))

@@ -296,6 +296,13 @@ impl Zdd {
 
 impl Drop for Zdd {
     fn drop(&mut self) {
+        // A daemonized master of a test that failed: kill it (its workers follow, through
+        // PR_SET_PDEATHSIG), so that nothing outlives the test.
+        if self.child.is_none() {
+            if let Some(pid) = std::fs::read_to_string(self.path("run/app.pid")).ok().and_then(|s| s.trim().parse().ok()) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
         if self.exited().is_none() {
             let pids = self.started_pids();
             if let Some(c) = self.child.as_mut() {
@@ -349,4 +356,33 @@ pub fn ask_gen(addr: SocketAddr, gen: u64) -> i32 {
         let (pid, g) = ask(addr).expect("connection failed");
         (g == gen).then_some(pid)
     })
+}
+
+// Daemon-mode helpers: `zdd` commands against a master started with `zdd start`.
+
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A config for daemon mode: the master logs to a file in the temp dir.
+pub fn daemon_config(port: u16, args: &[&str], worker_extra: &str) -> String {
+    format!(
+        "[master]\nlog = \"{{dir}}/zdd.log\"\nlog_format = \"json\"\ncontrol_socket = \"run/app.sock\"\n\n\
+         [worker]\ncommand = {}\nstop_timeout = \"10s\"\n{worker_extra}\n\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n",
+        toml_list(&[&["{fixture}"], args].concat())
+    )
+}
+
+pub fn zdd(z: &Zdd, args: &[&str]) -> std::process::Output {
+    z.command(args).output().unwrap()
+}
+
+pub fn status(z: &Zdd) -> serde_json::Value {
+    let o = zdd(z, &["status", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    serde_json::from_str(&stdout(&o)).unwrap()
 }
