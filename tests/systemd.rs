@@ -105,6 +105,15 @@ fn notifies_an_abstract_socket() {
 
 #[test]
 fn adopts_sockets_from_systemd_socket_activate() {
+    adopt_with_fdname("http");
+}
+
+#[test]
+fn adopts_sockets_by_address_when_the_name_differs() {
+    adopt_with_fdname("systemd-name");
+}
+
+fn adopt_with_fdname(fdname: &str) {
     if std::process::Command::new("systemd-socket-activate")
         .arg("--version")
         .output()
@@ -123,7 +132,7 @@ fn adopts_sockets_from_systemd_socket_activate() {
     let mut child = std::process::Command::new("systemd-socket-activate")
         .arg("-l")
         .arg(format!("127.0.0.1:{p1}"))
-        .arg("--fdname=http")
+        .arg(format!("--fdname={fdname}"))
         .arg(zdd_bin())
         .args(["start", "--foreground", "-c"])
         .arg(&z.config)

@@ -35,7 +35,9 @@ fn fifty_upgrades_under_load_keep_everything_and_lose_no_connection() {
     assert_eq!(zdd(&z, &["reload"]).status.code(), Some(0));
     ask_gen(addr, 2);
     // Measure once generation 1 has drained, so its pipes do not count.
-    wait_for("generation 1 gone", DEADLINE, || (status(&z)["workers"].as_array().unwrap().len() == 2).then_some(()));
+    wait_for("generation 1 gone", DEADLINE, || {
+        (status(&z)["workers"].as_array().unwrap().len() == 2).then_some(())
+    });
     let before = status(&z);
     let pid = before["pid"].as_i64().unwrap();
     let fds_before = fd_count(pid);

@@ -299,7 +299,10 @@ impl Drop for Zdd {
         // A daemonized master of a test that failed: kill it (its workers follow, through
         // PR_SET_PDEATHSIG), so that nothing outlives the test.
         if self.child.is_none() {
-            if let Some(pid) = std::fs::read_to_string(self.path("run/app.pid")).ok().and_then(|s| s.trim().parse().ok()) {
+            if let Some(pid) = std::fs::read_to_string(self.path("run/app.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
