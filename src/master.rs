@@ -486,6 +486,9 @@ impl Master {
 
     /// Collect every exited child. Several may be behind one SIGCHLD.
     fn reap(&mut self) {
+        // A worker's last messages (READY=1 just before it exits) are queued already: read
+        // them while it is still known, so that they are attributed to it.
+        self.read_notify();
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
@@ -601,6 +604,7 @@ impl Master {
 
     /// Feed an event to worker `i` and act on what it reports.
     fn feed(&mut self, i: usize, event: Event) {
+        let was_ready = self.workers[i].state == State::Ready;
         let effects = self.workers[i].handle(event);
         for effect in effects {
             let w = &self.workers[i];
@@ -627,7 +631,7 @@ impl Master {
                     } else {
                         let (lived, tail) = (w.started.elapsed(), tail_of(w));
                         let reason = format!("worker pid {pid} {status} during start-up");
-                        self.worker_died(generation, slot, pid, status, lived, reason, tail);
+                        self.worker_died(generation, slot, pid, status, lived, reason, tail, was_ready);
                     }
                 }
                 Effect::SendStopSignal | Effect::KillGroup => {}
@@ -653,10 +657,13 @@ impl Master {
         lived: Duration,
         reason: String,
         tail: Vec<String>,
+        was_ready: bool,
     ) {
         let starting_gen = match (&self.reload, self.phase) {
             (Some(r), _) if r.generation == generation => true,
-            (_, Phase::Starting) => generation == self.generation,
+            // During the first start, a worker that had become ready and then exits crashed:
+            // it is restarted like any crash; only one that never became ready fails the start.
+            (_, Phase::Starting) => generation == self.generation && !was_ready,
             _ => false,
         };
         if starting_gen {
@@ -1014,7 +1021,7 @@ impl Master {
 
     fn begin_stop(&mut self) {
         if self.phase == Phase::Starting {
-            self.report_start(Err("stopped by a signal during start-up".into()));
+            self.report_start(Err("the master was stopped during start-up".into()));
         }
         self.phase = Phase::Stopping;
         self.tell_systemd("STOPPING=1\nSTATUS=stopping".into());
