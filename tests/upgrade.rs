@@ -4,9 +4,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -42,22 +39,7 @@ fn fifty_upgrades_under_load_keep_everything_and_lose_no_connection() {
     let pid = before["pid"].as_i64().unwrap();
     let fds_before = fd_count(pid);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let client = {
-        let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
-        std::thread::spawn(move || {
-            let start = Instant::now();
-            let mut n = 0u64;
-            while !stop.load(Ordering::SeqCst) && start.elapsed() < DEADLINE * 4 {
-                if let Err(e) = ask(addr) {
-                    failures.lock().unwrap().push(format!("{:?}: {e}", start.elapsed()));
-                }
-                n += 1;
-            }
-            n
-        })
-    };
+    let load = Load::start(addr, 1);
     for i in 0..50 {
         let o = zdd(&z, &["upgrade"]);
         assert_eq!(o.status.code(), Some(0), "upgrade {i}: {}{}", stderr(&o), z.log_text());
@@ -67,15 +49,7 @@ fn fifty_upgrades_under_load_keep_everything_and_lose_no_connection() {
             stdout(&o)
         );
     }
-    stop.store(true, Ordering::SeqCst);
-    let requests = client.join().unwrap();
-    let failures = failures.lock().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} of {requests} connections failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
+    load.finish();
 
     let after = status(&z);
     assert_eq!(after["pid"], pid);

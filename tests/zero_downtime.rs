@@ -5,9 +5,6 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use common::*;
 
@@ -20,42 +17,11 @@ fn twenty_reloads_under_load_lose_no_connection() {
     ));
     z.wait_ready();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::new(Mutex::new(BTreeSet::new()));
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, failures, seen) = (Arc::clone(&stop), Arc::clone(&failures), Arc::clone(&seen));
-            std::thread::spawn(move || {
-                let start = Instant::now();
-                let mut n = 0u64;
-                // Bounded in time as well as by the stop flag.
-                while !stop.load(Ordering::SeqCst) && start.elapsed() < DEADLINE * 4 {
-                    match ask(addr) {
-                        Ok((pid, gen)) => {
-                            seen.lock().unwrap().insert((gen, pid));
-                        }
-                        Err(e) => failures.lock().unwrap().push(format!("{:?}: {e}", start.elapsed())),
-                    }
-                    n += 1;
-                }
-                n
-            })
-        })
-        .collect();
+    let load = Load::start(addr, 2);
     for i in 1..=20 {
         z.reload(i);
     }
-    stop.store(true, Ordering::SeqCst);
-    let requests: u64 = clients.into_iter().map(|c| c.join().unwrap()).sum();
-    let failures = failures.lock().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} of {requests} connections failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
-    let seen = seen.lock().unwrap();
+    let LoadResult { requests, seen, .. } = load.finish();
     let generations: BTreeSet<u64> = seen.iter().map(|(g, _)| *g).collect();
     assert!(
         generations.len() >= 10,

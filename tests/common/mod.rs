@@ -389,3 +389,65 @@ pub fn status(z: &Zdd) -> serde_json::Value {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     serde_json::from_str(&stdout(&o)).unwrap()
 }
+
+/// Clients opening a new connection per request, in threads, until [`Load::finish`] (or four
+/// deadlines, whichever comes first).
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<LoadResult>>,
+}
+
+#[derive(Default)]
+pub struct LoadResult {
+    pub requests: u64,
+    /// Each failed request, with the time since the load started.
+    pub failures: Vec<String>,
+    /// (generation, pid) of every answer.
+    pub seen: std::collections::BTreeSet<(u64, i32)>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, clients: usize) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|_| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let start = Instant::now();
+                    let mut r = LoadResult::default();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) && start.elapsed() < DEADLINE * 4 {
+                        match ask(addr) {
+                            Ok((pid, gen)) => {
+                                r.seen.insert((gen, pid));
+                            }
+                            Err(e) => r.failures.push(format!("{:?}: {e}", start.elapsed())),
+                        }
+                        r.requests += 1;
+                    }
+                    r
+                })
+            })
+            .collect();
+        Load { stop, clients }
+    }
+
+    /// Stop the clients and add up what they saw; asserts that no request failed.
+    pub fn finish(self) -> LoadResult {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut total = LoadResult::default();
+        for c in self.clients {
+            let r = c.join().unwrap();
+            total.requests += r.requests;
+            total.failures.extend(r.failures);
+            total.seen.extend(r.seen);
+        }
+        assert!(
+            total.failures.is_empty(),
+            "{} of {} connections failed: {:?}",
+            total.failures.len(),
+            total.requests,
+            &total.failures[..total.failures.len().min(10)]
+        );
+        total
+    }
+}
