@@ -78,3 +78,48 @@ fn rust_listenfd_server_serves_and_reloads() {
     assert_ne!(pid1, pid2);
     z.stop();
 }
+
+/// Run `command` behind zdd (ready after a delay: these servers do not speak sd_notify), check
+/// it serves generation 1, reload twice, check each new generation takes over.
+fn serves_and_reloads(command: &str) {
+    let port = free_port();
+    let mut z = Zdd::spawn(&format!(
+        "[worker]\ncommand = {command}\nready = \"delay\"\nready_delay = \"1s\"\nstart_timeout = \"30s\"\nstop_timeout = \"20s\"\n\n\
+         [[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+    ));
+    z.wait_ready();
+    assert_eq!(generation_of(&http_get(port).unwrap()), 1, "{}", z.log_text());
+    for gen in 2..=3 {
+        z.reload(gen as usize - 1);
+        wait_for(&format!("generation {gen}"), DEADLINE, || {
+            (generation_of(&http_get(port).expect("request failed")) == gen).then_some(())
+        });
+    }
+    z.stop();
+}
+
+#[test]
+fn uvicorn_serves_and_reloads() {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import uvicorn"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP uvicorn_serves_and_reloads: python3 -m uvicorn not importable (pip install uvicorn)");
+        return;
+    }
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    serves_and_reloads(&format!(
+        "[\"python3\", \"-m\", \"uvicorn\", \"--fd\", \"3\", \"--app-dir\", \"{fixtures}\", \"asgi_app:app\"]"
+    ));
+}
+
+#[test]
+fn node_http_server_on_fd_3_serves_and_reloads() {
+    if std::process::Command::new("node").arg("--version").output().is_err() {
+        eprintln!("SKIP node_http_server_on_fd_3_serves_and_reloads: node not installed (Debian package nodejs)");
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/node_server.js");
+    serves_and_reloads(&format!("[\"node\", \"{script}\"]"));
+}
