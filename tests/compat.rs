@@ -123,3 +123,42 @@ fn node_http_server_on_fd_3_serves_and_reloads() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/node_server.js");
     serves_and_reloads(&format!("[\"node\", \"{script}\"]"));
 }
+
+#[test]
+fn systemd_socket_proxyd_accepts_the_sockets() {
+    // libsystemd's own sd_listen_fds() checks LISTEN_PID and LISTEN_FDS strictly.
+    let proxyd = std::path::Path::new("/lib/systemd/systemd-socket-proxyd");
+    if !proxyd.exists() {
+        eprintln!(
+            "SKIP systemd_socket_proxyd_accepts_the_sockets: {} missing (Debian package systemd)",
+            proxyd.display()
+        );
+        return;
+    }
+    // The backend: answers every connection with a fixed line.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut c in backend.incoming().flatten() {
+            let _ = c.write_all(b"backend says hi\n");
+        }
+    });
+    let port = free_port();
+    let mut z = Zdd::spawn(&format!(
+        "[worker]\ncommand = [\"{}\", \"{backend_addr}\"]\nready = \"delay\"\nready_delay = \"300ms\"\n\n\
+         [[listen]]\nname = \"proxy\"\ntcp = \"127.0.0.1:{port}\"\n",
+        proxyd.display()
+    ));
+    z.wait_ready();
+    let read_line = || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert_eq!(read_line(), "backend says hi\n");
+    z.reload(1);
+    assert_eq!(read_line(), "backend says hi\n");
+    z.stop();
+}
