@@ -137,6 +137,8 @@ struct Reload {
 /// Crash-restart state of one worker position of the serving generation.
 #[derive(Default, Clone)]
 struct Slot {
+    /// A worker in this position has been ready at least once (what the first start waits for).
+    ready_once: bool,
     failures: u32,
     restarts: u32,
     restart_at: Option<Instant>,
@@ -612,6 +614,11 @@ impl Master {
             match effect {
                 Effect::BecameReady => {
                     info!(self.log, "worker ready"; "generation" => generation, "pid" => pid);
+                    if generation == self.generation {
+                        if let Some(s) = self.slots.get_mut(slot) {
+                            s.ready_once = true;
+                        }
+                    }
                     if generation == self.generation && self.phase == Phase::Running {
                         let lived = w.started.elapsed();
                         debug!(self.log, "restarted worker ready"; "lived_ms" => lived.as_millis() as u64);
@@ -752,7 +759,9 @@ impl Master {
                     self.report_start(Err(report));
                     self.exit_code = 1;
                     self.begin_stop();
-                } else if self.ready_count(self.generation) == self.config.worker.count {
+                } else if self.slots.iter().all(|s| s.ready_once) {
+                    // Every position has had a ready worker, even if one has crashed since (it
+                    // is being restarted): the start succeeded.
                     self.phase = Phase::Running;
                     info!(self.log, "ready"; "workers" => self.config.worker.count, "generation" => self.generation);
                     self.report_start(Ok(()));
@@ -1369,6 +1378,7 @@ impl Master {
                 .slots
                 .into_iter()
                 .map(|s| Slot {
+                    ready_once: true,
                     failures: s.failures,
                     restarts: s.restarts,
                     restart_at: s.restart_in_ms.map(|ms| now + Duration::from_millis(ms)),
