@@ -31,6 +31,26 @@ fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
+/// Run `zdd COMMAND -c config` `runs` times; the sorted durations, each including the CLI
+/// process.
+fn time_command(command: &str, config: &std::path::Path, runs: usize) -> Vec<Duration> {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let t0 = Instant::now();
+            let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
+                .args([command, "-c"])
+                .arg(config)
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(st.success(), "zdd {command} failed");
+            t0.elapsed()
+        })
+        .collect();
+    times.sort();
+    times
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -129,19 +149,7 @@ fn main() {
 
     // The same through the command line: `zdd reload` forks, connects, waits for the outcome.
     let cli_runs = (reloads / 5).max(10);
-    let mut cli = Vec::with_capacity(cli_runs);
-    for _ in 0..cli_runs {
-        let t0 = Instant::now();
-        let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
-            .args(["reload", "-c"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        cli.push(t0.elapsed());
-        assert!(st.success());
-    }
-    cli.sort();
+    let cli = time_command("reload", &config, cli_runs);
     println!(
         "`zdd reload` round trip ({cli_runs} runs, including the CLI process): median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
         ms(percentile(&cli, 0.5)),
@@ -150,19 +158,7 @@ fn main() {
     );
     // Upgrades: the master re-executes itself, keeping everything.
     let fds_pre = fd_count(pid);
-    let mut up = Vec::with_capacity(100);
-    for _ in 0..100 {
-        let t0 = Instant::now();
-        let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
-            .args(["upgrade", "-c"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        up.push(t0.elapsed());
-        assert!(st.success());
-    }
-    up.sort();
+    let up = time_command("upgrade", &config, 100);
     println!(
         "`zdd upgrade` round trip (100 runs): median {:.2} ms, p90 {:.2} ms, max {:.2} ms; master fds {fds_pre} before, {} after; RSS {} KiB after",
         ms(percentile(&up, 0.5)),

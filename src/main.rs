@@ -66,6 +66,22 @@ fn progress(message: &str) {
     out(&format!("zdd: {message}\n"));
 }
 
+/// The master's answer, judged: a negative result is a failure (exit 1) with the master's
+/// message and, for a failed reload, the failed worker's last log lines.
+fn judged(o: client::Outcome) -> Result<client::Outcome, Failure> {
+    if o.ok {
+        return Ok(o);
+    }
+    let mut msg = o.message;
+    for line in o.data["tail"].as_array().into_iter().flatten() {
+        msg.push_str(&format!("\n  | {}", line.as_str().unwrap_or_default()));
+    }
+    Err(fail(1, msg))
+}
+
+/// Status and reopen-logs answer at once; this only guards against a wedged master.
+const QUICK: Option<std::time::Duration> = Some(std::time::Duration::from_secs(30));
+
 fn load(cli: &Cli) -> Result<config::Config, Failure> {
     config::load(&cli.config).map_err(|e| fail(2, e))
 }
@@ -96,16 +112,9 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             let req = Request::Reload {
                 if_generation: *if_generation,
             };
-            let o = client::call(&c.master, &req, *timeout, progress)?;
-            if o.ok {
-                progress(&o.message);
-                return Ok(0);
-            }
-            let mut msg = o.message;
-            for line in o.data["tail"].as_array().into_iter().flatten() {
-                msg.push_str(&format!("\n  | {}", line.as_str().unwrap_or_default()));
-            }
-            Err(fail(1, msg))
+            let o = judged(client::call(&c.master, &req, *timeout, progress)?)?;
+            progress(&o.message);
+            Ok(0)
         }
         Command::Stop { timeout } => {
             let m = load_master(&cli)?;
@@ -119,10 +128,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
                     ),
                 ),
                 e => e.into(),
-            })?;
-            if !o.ok {
-                return Err(fail(1, o.message));
-            }
+            });
+            let o = judged(o?)?;
             let pid = o.data["pid"].as_i64().unwrap_or(0) as i32;
             client::wait_gone(o.reader, pid, deadline)?;
             progress(&o.message);
@@ -130,15 +137,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Status { json } => {
             let m = load_master(&cli)?;
-            let o = client::call(
-                &m,
-                &Request::Status {},
-                Some(std::time::Duration::from_secs(30)),
-                |_| {},
-            )?;
-            if !o.ok {
-                return Err(fail(1, o.message));
-            }
+            let o = judged(client::call(&m, &Request::Status {}, QUICK, |_| {})?)?;
             if *json {
                 out(&format!("{}\n", o.data));
             } else {
@@ -148,24 +147,13 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Upgrade { timeout } => {
             let m = load_master(&cli)?;
-            let o = client::call(&m, &Request::Upgrade {}, *timeout, progress)?;
-            if !o.ok {
-                return Err(fail(1, o.message));
-            }
+            let o = judged(client::call(&m, &Request::Upgrade {}, *timeout, progress)?)?;
             progress(&o.message);
             Ok(0)
         }
         Command::ReopenLogs => {
             let m = load_master(&cli)?;
-            let o = client::call(
-                &m,
-                &Request::ReopenLogs {},
-                Some(std::time::Duration::from_secs(30)),
-                |_| {},
-            )?;
-            if !o.ok {
-                return Err(fail(1, o.message));
-            }
+            let o = judged(client::call(&m, &Request::ReopenLogs {}, QUICK, |_| {})?)?;
             progress(&o.message);
             Ok(0)
         }

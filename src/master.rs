@@ -1034,11 +1034,14 @@ impl Master {
         }
         self.phase = Phase::Stopping;
         self.tell_systemd("STOPPING=1\nSTATUS=stopping".into());
-        if self.reload.take().is_some() || self.reload_again {
-            let msg = "reload cancelled: the master is stopping".to_string();
-            self.finish_reload(Err((msg.clone(), Value::Null)));
-            self.attempt += 1;
-            self.finish_reload(Err((msg, Value::Null)));
+        // Every reload a client still waits for, under way or queued, will not happen.
+        self.reload = None;
+        let cancelled = Reply::err("reload cancelled: the master is stopping", Value::Null);
+        for c in &mut self.conns {
+            if matches!(c.waiting, Some(Waiting::Reload { .. })) {
+                c.waiting = None;
+                c.send(&cancelled);
+            }
         }
         self.reload_again = false;
         for s in &mut self.slots {
