@@ -117,35 +117,42 @@ pub fn call(
         match serde_json::from_str::<Reply>(&text) {
             Ok(Reply::Progress { message }) => on_progress(&message),
             Ok(Reply::Result { ok, message, data }) => {
+                // The master hangs up right after its result (except for stop, whose caller
+                // waits for that itself): return only once it has, so that when a command
+                // returns the master holds no connection of ours.
+                if !matches!(req, Request::Stop {}) {
+                    let grace = Instant::now() + HANGUP_GRACE;
+                    read_to_eof(&mut reader, Some(deadline.map_or(grace, |d| d.min(grace))));
+                }
                 return Ok(Outcome {
                     ok,
                     message,
                     data,
                     reader,
-                })
+                });
             }
             Err(e) => return Err(ClientError::Failed(format!("unintelligible answer {text:?}: {e}"))),
         }
     }
 }
 
-/// After `stop` was acknowledged: wait for EOF (the master's exit closes the connection) and
-/// for the pid to be gone.
-pub fn wait_gone(mut reader: BufReader<UnixStream>, pid: i32, deadline: Option<Instant>) -> Result<(), ClientError> {
+/// How long a command waits for the master to hang up after its result.
+const HANGUP_GRACE: Duration = Duration::from_secs(5);
+
+/// Read and discard until EOF; false if `deadline` passed first.
+fn read_to_eof(reader: &mut BufReader<UnixStream>, deadline: Option<Instant>) -> bool {
     let mut sink = String::new();
     loop {
         if let Some(d) = deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(ClientError::Failed(format!(
-                    "master pid {pid} still running at the timeout"
-                )));
+                return false;
             }
             let _ = reader.get_ref().set_read_timeout(Some(left));
         }
         sink.clear();
         match reader.read_line(&mut sink) {
-            Ok(0) => break,
+            Ok(0) => return true,
             Ok(_) => continue,
             Err(e)
                 if matches!(
@@ -155,8 +162,18 @@ pub fn wait_gone(mut reader: BufReader<UnixStream>, pid: i32, deadline: Option<I
             {
                 continue
             }
-            Err(_) => break,
+            Err(_) => return true,
         }
+    }
+}
+
+/// After `stop` was acknowledged: wait for EOF (the master's exit closes the connection) and
+/// for the pid to be gone.
+pub fn wait_gone(mut reader: BufReader<UnixStream>, pid: i32, deadline: Option<Instant>) -> Result<(), ClientError> {
+    if !read_to_eof(&mut reader, deadline) {
+        return Err(ClientError::Failed(format!(
+            "master pid {pid} still running at the timeout"
+        )));
     }
     let mut pause = Duration::from_millis(1);
     while pid_alive(pid) && !is_zombie(pid) {

@@ -294,6 +294,9 @@ impl Master {
             if self.phase == Phase::Stopping && self.workers.is_empty() {
                 break;
             }
+            // Hang up on every connection whose result went out this turn, wherever it was
+            // sent: a client returns when it sees the hang-up.
+            self.conns.retain(|c| !c.dead);
             let ready = self.poll();
             for sig in self.signals.take() {
                 self.on_signal(sig);

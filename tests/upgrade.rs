@@ -18,8 +18,20 @@ fn worker_pids(s: &Value) -> Vec<(i64, i64)> {
         .collect()
 }
 
-fn fd_count(pid: i64) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+/// The master's open fds, as their /proc link targets (a failing count shows what is new).
+fn fds(pid: i64) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let target = std::fs::read_link(e.path())
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            format!("{} -> {target}", e.file_name().to_string_lossy())
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 #[test]
@@ -37,7 +49,7 @@ fn fifty_upgrades_under_load_keep_everything_and_lose_no_connection() {
     });
     let before = status(&z);
     let pid = before["pid"].as_i64().unwrap();
-    let fds_before = fd_count(pid);
+    let fds_before = fds(pid);
 
     let load = Load::start(addr, 1);
     for i in 0..50 {
@@ -62,7 +74,12 @@ fn fifty_upgrades_under_load_keep_everything_and_lose_no_connection() {
         live(&before).into_iter().filter(|(_, g)| *g == 2).collect(),
         "the same workers serve"
     );
-    assert_eq!(fd_count(pid), fds_before, "fds of the master grew over 50 upgrades");
+    let fds_after = fds(pid);
+    assert_eq!(
+        fds_after.len(),
+        fds_before.len(),
+        "fds of the master changed over 50 upgrades: before {fds_before:#?}, after {fds_after:#?}"
+    );
     assert!(
         after["uptime_secs"].as_u64() >= before["uptime_secs"].as_u64(),
         "uptime restarted at the upgrade"
