@@ -35,7 +35,7 @@ use crate::control::{Conn, ControlServer, Input, Reply, Request, Waiting};
 use crate::daemon::{ensure_parent, PidFile};
 use crate::errno::describe_io;
 use crate::listen::Listener;
-use crate::log::Sink;
+use crate::log::{LineBatch, Sink};
 use crate::notify::{monotonic_usec, NotifyServer, SystemdNotifier};
 use crate::relay::{Pipe, Stream};
 use crate::spawn::{spawn, SpawnSpec};
@@ -147,6 +147,8 @@ struct Slot {
 pub struct Master {
     log: Logger,
     sink: Sink,
+    /// Worker lines on their way to the log, written once per read.
+    lines: LineBatch,
     config: Rc<Config>,
     listeners: Vec<Rc<Listener>>,
     generation: u64,
@@ -183,12 +185,6 @@ pub struct Master {
 /// Tail lines of a worker for a failure report.
 fn tail_of(w: &Worker) -> Vec<String> {
     w.tail.iter().cloned().collect()
-}
-
-fn emit_line(log: &Logger, pid: Pid, generation: u64, stream: Stream, line: &[u8]) -> String {
-    let text = String::from_utf8_lossy(line);
-    info!(log, "{}", text; "stream" => stream.as_str(), "generation" => generation, "pid" => pid.as_raw());
-    text.into_owned()
 }
 
 impl Master {
@@ -250,6 +246,7 @@ impl Master {
         }
         Ok(Master {
             log,
+            lines: LineBatch::new(sink.clone(), config.master.log_format),
             sink,
             config,
             listeners,
@@ -307,12 +304,15 @@ impl Master {
             self.pump_pipes(&ready);
             self.tick(Instant::now());
         }
+        self.lines.begin();
         for (pid, generation, mut pipe) in std::mem::take(&mut self.orphan_pipes) {
-            let (log, stream) = (&self.log, pipe.stream);
+            let tag = self.lines.tag(pid.as_raw(), generation, pipe.stream.as_str());
+            let lines = &mut self.lines;
             pipe.pump(true, |line| {
-                emit_line(log, pid, generation, stream, line);
+                lines.push(line, &tag);
             });
         }
+        self.lines.flush();
         info!(self.log, "stopped"; "exit_code" => self.exit_code);
         self.report_start(Err("the master stopped during start-up".into()));
         let pid = std::process::id();
@@ -528,17 +528,18 @@ impl Master {
     }
 
     fn drain_worker(&mut self, i: usize, drain: bool) {
-        let log = &self.log;
         let w = &mut self.workers[i];
-        let (pid, generation) = (w.pid, w.generation);
-        let mut lines = Vec::new();
+        let (pid, generation) = (w.pid.as_raw(), w.generation);
+        let (lines, tail) = (&mut self.lines, &mut w.tail);
+        lines.begin();
         for p in w.pipes.iter_mut() {
-            let stream = p.stream;
-            p.pump(drain, |line| lines.push(emit_line(log, pid, generation, stream, line)));
+            let tag = lines.tag(pid, generation, p.stream.as_str());
+            p.pump(drain, |line| {
+                let text = lines.push(line, &tag);
+                crate::worker::remember(tail, &text);
+            });
         }
-        for l in lines {
-            w.remember(&l);
-        }
+        lines.flush();
     }
 
     fn read_notify(&mut self) {
@@ -576,16 +577,18 @@ impl Master {
                 self.drain_worker(i, false);
             }
         }
-        let log = &self.log;
+        let lines = &mut self.lines;
+        lines.begin();
         self.orphan_pipes.retain_mut(|(pid, generation, p)| {
             if ready.binary_search(&p.raw_fd()).is_ok() {
-                let stream = p.stream;
+                let tag = lines.tag(pid.as_raw(), *generation, p.stream.as_str());
                 p.pump(false, |line| {
-                    emit_line(log, *pid, *generation, stream, line);
+                    lines.push(line, &tag);
                 });
             }
             !p.is_eof()
         });
+        lines.flush();
     }
 
     fn tick(&mut self, now: Instant) {
@@ -1374,6 +1377,7 @@ impl Master {
             control: ControlServer::from_fd(upgrade::own(state.control_fd), &m.control_socket),
             pid_file: PidFile::from_state(upgrade::own(pid_fd), pid_path, pid_ino),
             log,
+            lines: LineBatch::new(sink.clone(), config.master.log_format),
             sink,
             listeners: state.current.iter().filter_map(|&i| all.get(i).cloned()).collect(),
             config,

@@ -202,13 +202,18 @@ impl Worker {
             })
             .collect()
     }
+}
 
-    pub fn remember(&mut self, line: &str) {
-        if self.tail.len() == TAIL_LINES {
-            self.tail.pop_front();
-        }
-        self.tail.push_back(line.to_string());
-    }
+/// Keep `line` among the last [`TAIL_LINES`] of a worker, reusing the oldest line's buffer.
+pub fn remember(tail: &mut VecDeque<String>, line: &str) {
+    let mut s = if tail.len() == TAIL_LINES {
+        tail.pop_front().unwrap_or_default()
+    } else {
+        String::new()
+    };
+    s.clear();
+    s.push_str(line);
+    tail.push_back(s);
 }
 
 #[cfg(test)]
