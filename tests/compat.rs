@@ -125,6 +125,35 @@ fn node_http_server_on_fd_3_serves_and_reloads() {
 }
 
 #[test]
+fn go_net_http_server_serves_and_reloads() {
+    // A Go net/http server that checks LISTEN_PID and LISTEN_FDS itself and takes fd 3 with
+    // net.FileListener; standard library only, so building it downloads nothing.
+    if std::process::Command::new("go").arg("version").output().is_err() {
+        eprintln!("SKIP go_net_http_server_serves_and_reloads: go not installed (Debian package golang-go)");
+        return;
+    }
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/go_server.go");
+    // Go's build cache lives under target/ (HOME may be read-only; later runs reuse it).
+    let gohome = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("go");
+    let out = tempfile::tempdir().unwrap();
+    let server = out.path().join("go_server");
+    let build = std::process::Command::new("go")
+        .args(["build", "-o"])
+        .arg(&server)
+        .arg(source)
+        .env("GOCACHE", gohome.join("cache"))
+        .env("GOPATH", gohome.join("path"))
+        .env("GO111MODULE", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "")
+        .env("CGO_ENABLED", "0")
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "go build {source} failed:\n{}", stderr(&build));
+    serves_and_reloads(&format!("[\"{}\"]", server.display()));
+}
+
+#[test]
 fn systemd_socket_proxyd_accepts_the_sockets() {
     // libsystemd's own sd_listen_fds() checks LISTEN_PID and LISTEN_FDS strictly.
     let proxyd = std::path::Path::new("/lib/systemd/systemd-socket-proxyd");
