@@ -782,12 +782,14 @@ impl Master {
                         self.commit_reload();
                     }
                 }
-                if self.reload.is_none() && self.reload_again && self.phase == Phase::Running {
-                    self.reload_again = false;
-                    self.start_reload();
-                }
             }
             Phase::Stopping => {}
+        }
+        // A reload asked for during the start or another reload: now, in the same turn as the
+        // start or that reload ended (the loop may sleep until the next event otherwise).
+        if self.reload.is_none() && self.reload_again && self.phase == Phase::Running {
+            self.reload_again = false;
+            self.start_reload();
         }
     }
 
