@@ -167,12 +167,153 @@ fn main() {
         fd_count(pid),
         rss_kib(pid)
     );
+    // Idle: a master with nothing to do should not wake up at all.
+    let idle = Duration::from_secs(10);
+    let before = context_switches(pid);
+    std::thread::sleep(idle);
+    let after = context_switches(pid);
+    println!(
+        "idle master: {} wake-ups (context switches) in {} s",
+        after - before,
+        idle.as_secs()
+    );
+    stop(&config);
+    child.wait().unwrap();
+
+    relay(&fixture, dir.path());
+    many(&fixture, dir.path());
+}
+
+fn stop(config: &std::path::Path) {
     let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
         .args(["stop", "-c"])
-        .arg(&config)
+        .arg(config)
         .stdout(Stdio::null())
         .status()
         .unwrap();
     assert!(st.success());
-    child.wait().unwrap();
+}
+
+fn context_switches(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// Log relay: a worker prints 1,000,000 lines and exits; the master relays them into its log
+/// file. Against the same worker piped into `cat` writing a file. Medians of 5 runs.
+fn relay(fixture: &std::path::Path, dir: &std::path::Path) {
+    const LINES: u64 = 1_000_000;
+    let mut zdd_times = Vec::new();
+    let mut cat_times = Vec::new();
+    for format in ["text", "json"] {
+        let config = dir.join(format!("relay-{format}.toml"));
+        let log = dir.join(format!("relay-{format}.log"));
+        std::fs::write(
+            &config,
+            format!(
+                "[master]\nlog_format = \"{format}\"\nlog = \"{}\"\ncontrol_socket = \"run/relay.sock\"\n\
+                 [worker]\ncommand = [\"{}\", \"--ready\", \"--lines\", \"{LINES}\"]\nrestart = \"never\"\n",
+                log.display(),
+                fixture.display()
+            ),
+        )
+        .unwrap();
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let _ = std::fs::remove_file(&log);
+            let t0 = Instant::now();
+            let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
+                .args(["start", "--foreground", "-c"])
+                .arg(&config)
+                .status()
+                .unwrap();
+            times.push(t0.elapsed());
+            assert!(st.success());
+            let text = std::fs::read_to_string(&log).unwrap();
+            let relayed = text.lines().filter(|l| l.contains("line ")).count() as u64;
+            assert_eq!(relayed, LINES, "lines lost in the relay");
+        }
+        times.sort();
+        zdd_times.push((format, times[2], std::fs::metadata(&log).unwrap().len()));
+    }
+    let out = dir.join("cat.out");
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "'{}' --lines {LINES} | cat > '{}'",
+                fixture.display(),
+                out.display()
+            ))
+            .status()
+            .unwrap();
+        cat_times.push(t0.elapsed());
+        assert!(st.success());
+    }
+    cat_times.sort();
+    let cat = cat_times[2];
+    let raw = std::fs::metadata(&out).unwrap().len();
+    println!(
+        "log relay, {LINES} lines: `worker | cat > file` {:.3} s ({} MB)",
+        cat.as_secs_f64(),
+        raw / 1_000_000
+    );
+    for (format, t, bytes) in zdd_times {
+        println!(
+            "log relay, {LINES} lines: zdd, {format} log, {:.3} s ({} MB written, timestamped and tagged): {:.0} % of cat's throughput",
+            t.as_secs_f64(),
+            bytes / 1_000_000,
+            100.0 * cat.as_secs_f64() / t.as_secs_f64(),
+        );
+    }
+}
+
+/// 1,000 listeners and 64 workers: start, then reload round trips.
+fn many(fixture: &std::path::Path, dir: &std::path::Path) {
+    const LISTENERS: usize = 1000;
+    const WORKERS: usize = 64;
+    // The master holds 1,000 sockets and 128 pipes; each worker gets the 1,000 sockets.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let mut text = format!(
+        "[master]\nlog_format = \"json\"\nlog = \"{}\"\ncontrol_socket = \"run/many.sock\"\n\
+         [worker]\ncommand = [\"{}\", \"--ready\"]\ncount = {WORKERS}\nstop_timeout = \"30s\"\nstart_timeout = \"60s\"\n",
+        dir.join("many.log").display(),
+        fixture.display()
+    );
+    for i in 0..LISTENERS {
+        text += &format!("[[listen]]\nname = \"l{i}\"\ntcp = \"127.0.0.1:0\"\n");
+    }
+    let config = dir.join("many.toml");
+    std::fs::write(&config, text).unwrap();
+    let t0 = Instant::now();
+    let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
+        .args(["start", "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "start with {LISTENERS} listeners and {WORKERS} workers failed"
+    );
+    let start = t0.elapsed();
+    let pid: u32 = std::fs::read_to_string(dir.join("run/many.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let reloads = time_command("reload", &config, 20);
+    println!(
+        "{LISTENERS} listeners, {WORKERS} workers: start {:.1} ms; reload round trip (20 runs) median {:.1} ms, max {:.1} ms; master RSS {} KiB",
+        start.as_secs_f64() * 1000.0,
+        percentile(&reloads, 0.5).as_secs_f64() * 1000.0,
+        reloads.last().unwrap().as_secs_f64() * 1000.0,
+        if pid > 0 { rss_kib(pid) } else { 0 }
+    );
+    stop(&config);
 }
