@@ -366,7 +366,14 @@ fn anchors(path: &Path) -> (PathBuf, String) {
 fn deserialize<T: serde::de::DeserializeOwned>(src: &Source<'_>) -> Result<T, ConfigError> {
     toml::from_str(src.text).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
-        let msg = e.message().trim_end().to_string();
+        let mut msg = e.message().trim_end().to_string();
+        if msg.is_empty() {
+            // toml gives no message for some bad characters (a control character in a comment).
+            msg = match src.text.get(span.start..).and_then(|t| t.chars().next()) {
+                Some(c) => format!("invalid TOML: unexpected character {c:?}"),
+                None => "invalid TOML".to_string(),
+            };
+        }
         let key = if msg.starts_with("unknown field") {
             String::new()
         } else {
