@@ -286,9 +286,15 @@ fn many(fixture: &std::path::Path, dir: &std::path::Path) {
         dir.join("many.log").display(),
         fixture.display()
     );
-    for i in 0..LISTENERS {
-        text += &format!("[[listen]]\nname = \"l{i}\"\ntcp = \"127.0.0.1:0\"\n");
+    // Distinct free ports: held all at once while picked, then let go for zdd to bind.
+    let held: Vec<std::net::TcpListener> = (0..LISTENERS)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    for (i, l) in held.iter().enumerate() {
+        let port = l.local_addr().unwrap().port();
+        text += &format!("[[listen]]\nname = \"l{i}\"\ntcp = \"127.0.0.1:{port}\"\n");
     }
+    drop(held);
     let config = dir.join("many.toml");
     std::fs::write(&config, text).unwrap();
     let t0 = Instant::now();

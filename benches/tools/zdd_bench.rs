@@ -552,8 +552,10 @@ fn summarize(r: &Run, out: &Path) -> Summary {
 
     // Series for the plot: per 100 ms, answered and failed requests; and the reload marks.
     let bucket = 100_000_000u64;
-    let mut series: BTreeMap<u64, (u64, u64)> = (0..=r.end_ns / bucket).map(|b| (b, (0, 0))).collect();
-    for s in &r.samples {
+    // Whole buckets only: a last partial one would look like a drop in throughput.
+    let buckets = r.end_ns / bucket;
+    let mut series: BTreeMap<u64, (u64, u64)> = (0..buckets).map(|b| (b, (0, 0))).collect();
+    for s in r.samples.iter().filter(|s| s.start_ns / bucket < buckets) {
         let e = series.entry(s.start_ns / bucket).or_default();
         if s.error.is_some() {
             e.1 += 1
