@@ -99,7 +99,7 @@ impl LineBatch {
             sink,
             format,
             stamp: Vec::new(),
-            buf: Vec::with_capacity(BATCH_LIMIT + 4096),
+            buf: Vec::new(),
         }
     }
 
