@@ -103,9 +103,13 @@ impl LineBatch {
         }
     }
 
-    /// Take the timestamp for the lines that follow.
+    /// Start a new batch: its lines get a timestamp taken when the first of them arrives.
+    /// Cheap when no line follows (it is called on every turn of the master's loop).
     pub fn begin(&mut self) {
         self.stamp.clear();
+    }
+
+    fn take_stamp(&mut self) {
         match self.format {
             LogFormat::Text => {
                 let _ = slog_term::timestamp_local(&mut self.stamp);
@@ -133,6 +137,9 @@ impl LineBatch {
     pub fn push<'a>(&mut self, line: &'a [u8], tag: &[u8]) -> std::borrow::Cow<'a, str> {
         if self.buf.len() >= BATCH_LIMIT {
             self.flush();
+        }
+        if self.stamp.is_empty() {
+            self.take_stamp();
         }
         let text = String::from_utf8_lossy(line);
         let b = &mut self.buf;

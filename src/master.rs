@@ -1111,7 +1111,7 @@ impl Master {
                 ));
             }
         }
-        self.conns.retain(|c| !c.dead);
+        // Connections that ended are dropped at the top of the next loop turn, before poll.
     }
 
     fn handle_request(&mut self, i: usize, req: Request) {
