@@ -192,13 +192,20 @@ impl Events {
     }
 
     fn refresh(&mut self) {
-        let text = std::fs::read(&self.path).unwrap_or_default();
+        use std::io::{Seek, SeekFrom};
+        // Read only what was appended since the last time.
+        let mut text = Vec::new();
+        if let Ok(mut f) = std::fs::File::open(&self.path) {
+            let _ = f
+                .seek(SeekFrom::Start(self.read as u64))
+                .and_then(|_| f.read_to_end(&mut text));
+        }
         // Only whole lines: a line being written is read next time.
         let end = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-        if end <= self.read {
+        if end == 0 {
             return;
         }
-        for line in String::from_utf8_lossy(&text[self.read..end]).lines() {
+        for line in String::from_utf8_lossy(&text[..end]).lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if let [pid, what, ns] = f[..] {
                 if let (Ok(pid), Ok(ns)) = (pid.parse(), ns.parse()) {
@@ -206,7 +213,7 @@ impl Events {
                 }
             }
         }
-        self.read = end;
+        self.read += end;
     }
 
     fn get(&self, pid: u32, what: &str) -> Option<u64> {
