@@ -87,7 +87,7 @@ pub fn call(
             )))
         }
     };
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(crate::clock::from_now);
     let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Failed(e.to_string()))?;
     line.push(b'\n');
     // A master that refuses us answers and hangs up at once: read its answer even if our
@@ -121,7 +121,7 @@ pub fn call(
                 // waits for that itself): return only once it has, so that when a command
                 // returns the master holds no connection of ours.
                 if !matches!(req, Request::Stop {}) {
-                    let grace = Instant::now() + HANGUP_GRACE;
+                    let grace = crate::clock::from_now(HANGUP_GRACE);
                     read_to_eof(&mut reader, Some(deadline.map_or(grace, |d| d.min(grace))));
                 }
                 return Ok(Outcome {

@@ -156,10 +156,13 @@ impl ControlServer {
         }
     }
 
-    /// Accept every pending connection.
-    pub fn accept(&self, now: Instant) -> Vec<Conn> {
+    /// Accept pending connections, at most `max`. Returns them, and the error that stopped
+    /// accepting if it was not "nothing more pending" (EMFILE, ENFILE, ENOBUFS, ENOMEM: the
+    /// connection stays queued and the listener stays readable, so the caller must wait before
+    /// trying again rather than poll it at once).
+    pub fn accept(&self, now: Instant, max: usize) -> (Vec<Conn>, Option<std::io::Error>) {
         let mut out = Vec::new();
-        loop {
+        while out.len() < max {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_err() {
@@ -173,16 +176,19 @@ impl ControlServer {
                         peer_pid: peer.map(|c| c.pid()),
                         inbuf: Vec::new(),
                         outbuf: Vec::new(),
-                        deadline: Some(now + REQUEST_TIMEOUT),
+                        deadline: Some(crate::clock::after(now, REQUEST_TIMEOUT)),
                         closing: false,
                         dead: false,
                     });
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.raw_os_error() == Some(nix::libc::ECONNABORTED) => {
+                    break
+                }
+                Err(e) => return (out, Some(e)),
             }
         }
-        out
+        (out, None)
     }
 }
 
@@ -409,7 +415,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let server = ControlServer::bind(&dir.path().join("c.sock")).unwrap();
         let mut client = UnixStream::connect(dir.path().join("c.sock")).unwrap();
-        let mut conns = server.accept(Instant::now());
+        let (mut conns, _) = server.accept(Instant::now(), 16);
         let conn = &mut conns[0];
         assert_eq!(conn.peer_uid, Some(nix::unistd::getuid().as_raw()));
         client.write_all(br#"{"cmd":"#).unwrap();
@@ -418,7 +424,7 @@ mod tests {
         assert_eq!(conn.read(), Input::Request(Request::Status {}));
 
         let mut client = UnixStream::connect(dir.path().join("c.sock")).unwrap();
-        let mut conns = server.accept(Instant::now());
+        let (mut conns, _) = server.accept(Instant::now(), 16);
         let conn = &mut conns[0];
         client.set_nonblocking(true).unwrap();
         let big = vec![b'x'; MAX_REQUEST + 10];

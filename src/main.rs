@@ -6,6 +6,7 @@
 
 mod cli;
 mod client;
+mod clock;
 mod config;
 mod control;
 mod daemon;
@@ -21,7 +22,6 @@ mod worker;
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use clap::{CommandFactory, Parser};
 
@@ -118,7 +118,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Stop { timeout } => {
             let m = load_master(&cli)?;
-            let deadline = timeout.map(|t| Instant::now() + t);
+            let deadline = timeout.map(clock::from_now);
             let o = client::call(&m, &Request::Stop {}, *timeout, progress).map_err(|e| match e {
                 client::ClientError::Timeout(t) => fail(
                     1,

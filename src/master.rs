@@ -30,6 +30,7 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 use slog::{debug, error, info, warn, Logger};
 
+use crate::clock;
 use crate::config::{self, Config, Restart};
 use crate::control::{Conn, ControlServer, Input, Reply, Request, Waiting};
 use crate::daemon::{ensure_parent, PidFile};
@@ -46,6 +47,13 @@ use crate::worker::{Effect, Event, ExitStatus, State, Worker};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
+
+/// Control connections served at once; more wait in the socket's backlog. Each is answered or
+/// timed out within seconds (a request must arrive within `REQUEST_TIMEOUT`), and only root
+/// and the master's own uid are kept.
+const MAX_CONTROL_CONNS: usize = 128;
+/// How long the control socket is left alone after accept failed (EMFILE and the like).
+const CONTROL_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -173,6 +181,11 @@ pub struct Master {
     start_report: Option<std::fs::File>,
     /// The binary to exec on upgrade.
     exe: std::path::PathBuf,
+    /// The open-file limit (soft, hard) the master was started with, before it raised its
+    /// own; workers get it back.
+    worker_nofile: Option<(u64, u64)>,
+    /// Not accepting control connections until then (accept failed).
+    control_paused_until: Option<Instant>,
     /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
     systemd: Option<SystemdNotifier>,
     /// Dropped after the sockets: while the pid file exists, the lock is held.
@@ -195,6 +208,15 @@ impl Master {
         let m = &config.master;
         crate::spawn::check_credentials(&config.worker).map_err(|e| StartError::Other(e.to_string()))?;
         let pid_file = PidFile::acquire(&m.pid_file)?;
+        let worker_nofile = crate::errno::raise_nofile();
+        if let (Some((soft, _)), Ok((now, _))) = (
+            worker_nofile,
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE),
+        ) {
+            if now > soft {
+                info!(log, "raised the master's open-file limit"; "workers_keep" => soft, "nofile" => now);
+            }
+        }
         ensure_parent(&m.notify_socket).map_err(|e| {
             StartError::Other(format!(
                 "create directory for {}: {}",
@@ -269,6 +291,8 @@ impl Master {
             attempt: 0,
             start_report: None,
             exe: crate::upgrade::own_exe(),
+            worker_nofile,
+            control_paused_until: None,
             systemd: SystemdNotifier::from_env(),
             conns: Vec::new(),
         })
@@ -351,13 +375,29 @@ impl Master {
         generation: u64,
         slot: usize,
     ) -> Result<(), String> {
+        // The master raised its own soft open-file limit; workers get the one it was given,
+        // unless [rlimits] sets one.
+        let mut rlimits = config.rlimits.clone();
+        if let Some((soft, hard)) = self.worker_nofile {
+            if !rlimits
+                .iter()
+                .any(|r| r.resource == nix::sys::resource::Resource::RLIMIT_NOFILE)
+            {
+                rlimits.push(config::Rlimit {
+                    resource: nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    name: "nofile",
+                    soft,
+                    hard,
+                });
+            }
+        }
         let spec = SpawnSpec {
             worker: &config.worker,
             names: config.listen.iter().map(|l| l.name.as_str()).collect(),
             listeners,
             notify_socket: self.notify.path(),
             generation,
-            rlimits: &config.rlimits,
+            rlimits: &rlimits,
         };
         let spawned = spawn(&spec).map_err(|e| {
             let msg = format!("starting worker: {e}");
@@ -366,7 +406,7 @@ impl Master {
         })?;
         let now = Instant::now();
         let ready_at = match config.worker.ready {
-            config::Ready::Delay(d) => Some(now + d),
+            config::Ready::Delay(d) => Some(clock::after(now, d)),
             config::Ready::Notify => None,
         };
         info!(self.log, "worker started"; "slot" => slot, "generation" => generation, "pid" => spawned.pid.as_raw());
@@ -375,7 +415,7 @@ impl Master {
             generation,
             slot,
             state: State::Starting {
-                deadline: now + config.worker.start_timeout,
+                deadline: clock::after(now, config.worker.start_timeout),
                 ready_at,
             },
             started: now,
@@ -405,7 +445,10 @@ impl Master {
         };
         add(&mut fds, self.signals.wake_r.as_raw_fd());
         add(&mut fds, self.notify.raw_fd());
-        add(&mut fds, self.control.raw_fd());
+        // At the cap, or backing off after accept failed (EMFILE), the listener is left out:
+        // new clients wait in its backlog.
+        let accepting = self.conns.len() < MAX_CONTROL_CONNS && self.control_paused_until.is_none();
+        add(&mut fds, if accepting { self.control.raw_fd() } else { -1 });
         for c in &self.conns {
             let mut events = 0;
             if c.wants_read() {
@@ -438,6 +481,14 @@ impl Master {
         if n <= 0 {
             return Vec::new();
         }
+        // A client that hung up while it waits for a result (it sent its request, so nothing
+        // is read from it any more) would be reported on every poll, and the loop would spin
+        // until the result: it is gone, drop it; the action it asked for goes on.
+        for (c, p) in self.conns.iter_mut().zip(&fds[3..]) {
+            if p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 && !c.wants_read() {
+                c.dead = true;
+            }
+        }
         let mut ready: Vec<RawFd> = fds.iter().filter(|p| p.revents != 0).map(|p| p.fd).collect();
         ready.sort_unstable();
         ready
@@ -447,7 +498,11 @@ impl Master {
         let workers = self.workers.iter().filter_map(|w| w.state.deadline());
         let restarts = self.slots.iter().filter_map(|s| s.restart_at);
         let requests = self.conns.iter().filter_map(|c| c.deadline);
-        workers.chain(restarts).chain(requests).min()
+        workers
+            .chain(restarts)
+            .chain(requests)
+            .chain(self.control_paused_until)
+            .min()
     }
 
     fn on_signal(&mut self, sig: Signal) {
@@ -627,7 +682,7 @@ impl Master {
                     }
                     if generation == self.generation && self.phase == Phase::Running {
                         let lived = w.started.elapsed();
-                        debug!(self.log, "restarted worker ready"; "lived_ms" => lived.as_millis() as u64);
+                        debug!(self.log, "restarted worker ready"; "lived_ms" => clock::ms(lived));
                     }
                 }
                 Effect::StartTimedOut => {
@@ -694,15 +749,8 @@ impl Master {
         };
         if !restart {
             warn!(self.log, "worker exited; not restarting (restart policy)"; "status" => status.to_string(), "generation" => generation, "pid" => pid);
-            if !self
-                .workers
-                .iter()
-                .any(|w| w.generation == self.generation && w.state.is_alive() && w.pid.as_raw() != pid)
-            {
-                info!(self.log, "no workers left and none to restart: stopping");
-                self.exit_code = if status.success() { 0 } else { 1 };
-                self.begin_stop();
-            }
+            self.exit_code = if status.success() { 0 } else { 1 };
+            self.stop_if_nothing_left();
             return;
         }
         self.schedule_restart(slot, lived);
@@ -711,7 +759,27 @@ impl Master {
             .map(|t| t.saturating_duration_since(Instant::now()))
             .unwrap_or_default();
         warn!(self.log, "worker exited unexpectedly; restarting";
-            "in_ms" => delay.as_millis() as u64, "status" => status.to_string(), "generation" => generation, "pid" => pid);
+            "in_ms" => clock::ms(delay), "status" => status.to_string(), "generation" => generation, "pid" => pid);
+    }
+
+    /// Under `restart = "on-failure"` or `"never"`, the master stops once no worker is left to
+    /// serve: none of the serving generation alive or due to restart, and no reload under way
+    /// (a starting generation is live: if it commits, it serves; if it fails, this is asked
+    /// again).
+    fn stop_if_nothing_left(&mut self) {
+        if self.phase != Phase::Running || self.reload.is_some() {
+            return;
+        }
+        let serving = self.workers.iter().any(|w| {
+            w.generation == self.generation
+                && w.state.is_alive()
+                && !matches!(w.state, State::Stopping { .. } | State::Killed)
+        });
+        let restarting = self.slots.iter().any(|s| s.restart_at.is_some());
+        if !serving && !restarting {
+            info!(self.log, "no workers left and none to restart: stopping");
+            self.begin_stop();
+        }
     }
 
     fn schedule_restart(&mut self, slot: usize, lived: Duration) {
@@ -723,7 +791,7 @@ impl Master {
         let delay = BACKOFF_MIN
             .saturating_mul(1u32 << (s.failures - 1).min(20))
             .min(BACKOFF_MAX);
-        s.restart_at = Some(Instant::now() + delay);
+        s.restart_at = Some(clock::from_now(delay));
     }
 
     /// A worker of a starting generation failed: record it; `advance` acts on it.
@@ -924,8 +992,10 @@ impl Master {
         if let Err(e) = crate::spawn::check_credentials(&config.worker) {
             return fail(self, format!("reload failed; nothing changed: {e}"));
         }
-        if let Some(c) = &config.worker.credentials {
-            if let Err(e) = self.notify.set_owner(Some(c.uid)) {
+        let new_owner = config.worker.credentials.as_ref().map(|c| c.uid);
+        // Workers running as root can write to it whoever owns it.
+        if new_owner.is_some() && new_owner != self.config.worker.credentials.as_ref().map(|c| c.uid) {
+            if let Err(e) = self.notify.set_owner(new_owner) {
                 return fail(self, format!("reload failed; nothing changed: {e}"));
             }
         }
@@ -946,7 +1016,7 @@ impl Master {
     /// Start every worker of a generation; the first that cannot be started fails it.
     fn spawn_generation(&mut self, config: Rc<Config>, listeners: Vec<Rc<Listener>>, generation: u64) {
         // Workers may take up to start_timeout to be ready: let systemd wait that long too.
-        let extend = config.worker.start_timeout + Duration::from_secs(5);
+        let extend = config.worker.start_timeout.saturating_add(Duration::from_secs(5));
         self.tell_systemd(format!("EXTEND_TIMEOUT_USEC={}", extend.as_micros()));
         for slot in 0..config.worker.count {
             if let Err(reason) = self.spawn_worker(&config, &listeners, generation, slot) {
@@ -1019,6 +1089,20 @@ impl Master {
                 self.feed(i, Event::Kill);
             }
         }
+        // The notify socket was given to the new generation's user: give it back to the
+        // serving one's, or its next restarted worker could not say READY=1.
+        let new_owner = r.config.worker.credentials.as_ref().map(|c| c.uid);
+        if new_owner.is_some() && new_owner != self.config.worker.credentials.as_ref().map(|c| c.uid) {
+            if let Err(e) = self
+                .notify
+                .set_owner(self.config.worker.credentials.as_ref().map(|c| c.uid))
+            {
+                error!(
+                    self.log,
+                    "could not give the notify socket back to the serving workers' user: {}", e
+                );
+            }
+        }
         let f = r.failure.take().unwrap_or(Failure {
             reason: "unknown".into(),
             tail: vec![],
@@ -1034,6 +1118,9 @@ impl Master {
             message,
             json!({ "generation": self.generation, "failed_generation": r.generation, "tail": f.tail }),
         )));
+        // Workers of the serving generation that exited (and were not restarted, by policy)
+        // while this reload was under way leave nothing to serve now.
+        self.stop_if_nothing_left();
     }
 
     fn begin_stop(&mut self) {
@@ -1064,9 +1151,19 @@ impl Master {
     /// Accept control connections, read requests, write replies, expire slow clients.
     fn serve_control(&mut self, ready: &[RawFd]) {
         let now = Instant::now();
-        if ready.binary_search(&self.control.raw_fd()).is_ok() {
+        if self.control_paused_until.is_some_and(|t| t <= now) {
+            self.control_paused_until = None;
+        }
+        if ready.binary_search(&self.control.raw_fd()).is_ok() && self.control_paused_until.is_none() {
             let my_uid = nix::unistd::geteuid().as_raw();
-            for mut c in self.control.accept(now) {
+            let room = MAX_CONTROL_CONNS.saturating_sub(self.conns.len());
+            let (accepted, error) = self.control.accept(now, room);
+            if let Some(e) = error {
+                warn!(self.log, "control: accept failed; not accepting for {}ms", CONTROL_BACKOFF.as_millis();
+                    "error" => describe_io(&e), "connections" => self.conns.len());
+                self.control_paused_until = Some(clock::after(now, CONTROL_BACKOFF));
+            }
+            for mut c in accepted {
                 match c.peer_uid {
                     Some(uid) if uid == 0 || uid == my_uid => self.conns.push(c),
                     other => {
@@ -1209,7 +1306,7 @@ impl Master {
             return;
         }
         let now = Instant::now();
-        let ms_left = |t: Instant| t.saturating_duration_since(now).as_millis() as u64;
+        let ms_left = |t: Instant| clock::ms(t.saturating_duration_since(now));
         let mut all: Vec<Rc<Listener>> = Vec::new();
         let mut index = |l: &Rc<Listener>| match all.iter().position(|x| Rc::ptr_eq(x, l)) {
             Some(i) => i,
@@ -1219,10 +1316,7 @@ impl Master {
             }
         };
         let current: Vec<usize> = self.listeners.iter().map(&mut index).collect();
-        let unix_ms = |t: SystemTime| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64)
-        };
+        let unix_ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, clock::ms);
         let workers: Vec<upgrade::WorkerState> = self
             .workers
             .iter()
@@ -1243,10 +1337,10 @@ impl Master {
                     state: state.into(),
                     remaining_ms,
                     ready_in_ms,
-                    uptime_ms: w.started.elapsed().as_millis() as u64,
+                    uptime_ms: clock::ms(w.started.elapsed()),
                     started_wall_ms: unix_ms(w.started_wall),
                     stop_signal: w.stop_signal as i32,
-                    stop_timeout_ms: w.stop_timeout.as_millis() as u64,
+                    stop_timeout_ms: clock::ms(w.stop_timeout),
                     pipes: w
                         .pipes
                         .iter()
@@ -1267,7 +1361,7 @@ impl Master {
             generation: self.generation,
             next_generation: self.next_generation,
             attempt: self.attempt,
-            uptime_ms: self.started_at.elapsed().as_millis() as u64,
+            uptime_ms: clock::ms(self.started_at.elapsed()),
             started_wall_ms: unix_ms(self.started_wall),
             notify_fd: self.notify.raw_fd(),
             control_fd: self.control.raw_fd(),
@@ -1301,6 +1395,7 @@ impl Master {
                 .map(|(pid, g, p)| (pid.as_raw(), *g, p.stream.as_str().to_string(), p.raw_fd()))
                 .collect(),
             reply_fd: from.map(|i| self.conns[i].raw_fd()),
+            worker_nofile: self.worker_nofile,
         };
         info!(self.log, "upgrading: re-executing the master"; "exe" => self.exe.display().to_string());
         if let Some(i) = from {
@@ -1324,19 +1419,19 @@ impl Master {
             .map(|l| Rc::new(Listener::from_state(upgrade::own(l.fd), l.addr, l.created, l.backlog)))
             .collect();
         let now = Instant::now();
-        let wall = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        let wall = clock::wall_ms;
         let workers = state
             .workers
             .into_iter()
             .map(|w| {
                 let state = match w.state.as_str() {
                     "starting" => State::Starting {
-                        deadline: now + Duration::from_millis(w.remaining_ms.unwrap_or(0)),
-                        ready_at: w.ready_in_ms.map(|ms| now + Duration::from_millis(ms)),
+                        deadline: clock::after(now, Duration::from_millis(w.remaining_ms.unwrap_or(0))),
+                        ready_at: w.ready_in_ms.map(|ms| clock::after(now, Duration::from_millis(ms))),
                     },
                     "ready" => State::Ready,
                     "stopping" => State::Stopping {
-                        kill_at: now + Duration::from_millis(w.remaining_ms.unwrap_or(0)),
+                        kill_at: clock::after(now, Duration::from_millis(w.remaining_ms.unwrap_or(0))),
                     },
                     _ => State::Killed,
                 };
@@ -1393,7 +1488,7 @@ impl Master {
                     ready_once: true,
                     failures: s.failures,
                     restarts: s.restarts,
-                    restart_at: s.restart_in_ms.map(|ms| now + Duration::from_millis(ms)),
+                    restart_at: s.restart_in_ms.map(|ms| clock::after(now, Duration::from_millis(ms))),
                 })
                 .collect(),
             reload: None,
@@ -1412,6 +1507,8 @@ impl Master {
             attempt: state.attempt,
             start_report: None,
             exe: upgrade::own_exe(),
+            worker_nofile: state.worker_nofile,
+            control_paused_until: None,
             systemd: SystemdNotifier::from_env(),
             conns,
         };

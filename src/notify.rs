@@ -60,6 +60,9 @@ pub fn parse(payload: &[u8]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Notify messages read per turn of the master's loop.
+pub const RECEIVE_BATCH: usize = 64;
+
 pub struct NotifyServer {
     fd: OwnedFd,
     path: PathBuf,
@@ -144,11 +147,13 @@ impl NotifyServer {
         self.fd.as_raw_fd()
     }
 
-    /// Read every queued datagram.
+    /// Read the queued datagrams, at most [`RECEIVE_BATCH`] per call: a worker flooding the
+    /// socket cannot grow the master's memory or keep it from its other work; the rest wait
+    /// in the socket's receive buffer (bounded by the kernel) for the next turn of the loop.
     pub fn receive(&self) -> Vec<Message> {
         let mut out = Vec::new();
         let mut buf = [0u8; 4096];
-        loop {
+        for _ in 0..RECEIVE_BATCH {
             let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [RawFd; 16]);
             let mut iov = [std::io::IoSliceMut::new(&mut buf)];
             let msg = match recvmsg::<()>(

@@ -87,6 +87,9 @@ pub struct State {
     pub orphan_pipes: Vec<(i32, u64, String, RawFd)>,
     /// The control connection that asked for the upgrade, answered by the new image.
     pub reply_fd: Option<RawFd>,
+    /// The open-file limit the first image was started with (workers get it back).
+    #[serde(default)]
+    pub worker_nofile: Option<(u64, u64)>,
 }
 
 impl State {

@@ -144,7 +144,7 @@ pub fn transition(state: State, event: Event, stop_timeout: Duration) -> (State,
         (_, E::Tick(_)) => (state, vec![]),
         (S::Starting { .. } | S::Ready, E::Stop(now)) => (
             S::Stopping {
-                kill_at: now + stop_timeout,
+                kill_at: crate::clock::after(now, stop_timeout),
             },
             vec![Effect::SendStopSignal],
         ),
