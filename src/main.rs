@@ -14,6 +14,7 @@ mod listen;
 mod log;
 mod master;
 mod notify;
+mod portholder;
 mod relay;
 mod spawn;
 mod upgrade;
