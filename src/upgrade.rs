@@ -55,6 +55,9 @@ pub struct WorkerState {
     pub listeners: Vec<usize>,
     pub tail: Vec<String>,
     pub status_text: Option<String>,
+    /// Its cgroup (cgroup.rs), if it has one.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -87,6 +90,9 @@ pub struct State {
     pub orphan_pipes: Vec<(i32, u64, String, RawFd)>,
     /// The control connection that asked for the upgrade, answered by the new image.
     pub reply_fd: Option<RawFd>,
+    /// The workers' cgroup tree (cgroup.rs), if the master has one.
+    #[serde(default)]
+    pub cgroups: Option<crate::cgroup::HandOver>,
 }
 
 impl State {
