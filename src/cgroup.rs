@@ -9,8 +9,9 @@
 //!
 //! - Where: the cgroup2 mount is found in /proc/self/mountinfo (at /sys/fs/cgroup on a unified
 //!   host, /sys/fs/cgroup/unified on a hybrid one), the master's own cgroup in the `0::` line of
-//!   /proc/self/cgroup. The master creates `<its cgroup>/zdd-<pid>` and, for each worker,
-//!   `zdd-<pid>/w-<generation>-<slot>-<n>`. No controller is ever enabled, so the cgroup v2 rule
+//!   /proc/self/cgroup. The master creates `<its cgroup>/zdd-<pid>-<random>` (the pid is for
+//!   people; the random part keeps masters apart whose pids collide, each pid 1 in its own pid
+//!   namespace) and, for each worker, `zdd-…/w-<generation>-<slot>-<n>`. No controller is ever enabled, so the cgroup v2 rule
 //!   "no processes in a cgroup whose children have controllers" does not apply, and the master
 //!   may stay where it is: in the service's cgroup under systemd with `Delegate=yes`, or
 //!   wherever root started it.
@@ -22,7 +23,7 @@
 //!   worker is reaped its cgroup is killed, since nothing of a worker may outlive it. An empty
 //!   cgroup is removed at once; one whose processes are still dying is watched (`cgroup.events`,
 //!   POLLPRI, in the master's poll set) and removed once `populated 0`: no blocking wait.
-//! - At stop the whole `zdd-<pid>` tree is killed and removed (a bounded wait: the master is
+//! - At stop the whole `zdd-…` tree is killed and removed (a bounded wait: the master is
 //!   exiting and every worker has been reaped already).
 //! - A master that dies uncleanly (SIGKILL) cannot clean up. Its tree's path is recorded beside
 //!   the pid file (`<pid_file>.cgroup`); the next start, once it holds the pid-file lock (so no
@@ -90,10 +91,10 @@ struct Pending {
     events: OwnedFd,
 }
 
-/// The master's cgroups: `zdd-<pid>` and the worker cgroups in it.
+/// The master's cgroups: `zdd-<pid>-<random>` and the worker cgroups in it.
 pub struct Cgroups {
     log: Logger,
-    /// `<the master's cgroup>/zdd-<pid>`; None where cgroups are unavailable.
+    /// `<the master's cgroup>/zdd-<pid>-<random>`; None where cgroups are unavailable.
     root: Option<PathBuf>,
     /// `<pid_file>.cgroup`, naming `root` for the next start after a crash.
     record: Option<PathBuf>,
@@ -121,7 +122,7 @@ impl Cgroups {
     }
 
     /// At start, in the process that will be the master (after any daemonizing fork): create
-    /// `zdd-<pid>` and record it beside the pid file; or say once why workers are not contained.
+    /// `zdd-<pid>-<random>` and record it beside the pid file; or say once why workers are not contained.
     pub fn start(log: &Logger, pid_file: &Path) -> Cgroups {
         let mut c = Cgroups::none(log);
         match create_root() {
@@ -269,22 +270,16 @@ pub fn clean_stale(log: &Logger, pid_file: &Path) {
     let forget = || {
         let _ = std::fs::remove_file(&record);
     };
-    let Some(pid) = tree_pid(&path) else {
+    if !is_tree_name(&path) {
         warn!(log, "the cgroup record of the previous master names no zdd cgroup; ignored"; "file" => record.display().to_string());
         return forget();
-    };
+    }
     if !is_cgroup2(&path) {
         // Removed already (the master stopped cleanly after all, or a reboot).
         return forget();
     }
-    // The pid in the name was the dead master's; if it is alive and lives in the tree's parent,
-    // it is another master that got the same pid and now owns this name: not ours.
-    if path
-        .parent()
-        .is_some_and(|parent| cgroup_of(pid).as_deref() == Some(parent))
-    {
-        return forget();
-    }
+    // The name is unique (random), the record is this config's, and its lock is ours: the
+    // master that created the tree is dead, and only it (or its upgraded self) used it.
     let pids = procs_in_tree(&path);
     if !pids.is_empty() {
         let shown: Vec<String> = pids.iter().take(10).map(|p| p.to_string()).collect();
@@ -305,12 +300,29 @@ pub fn clean_stale(log: &Logger, pid_file: &Path) {
     }
 }
 
-/// The pid in a `zdd-<pid>` tree name.
-fn tree_pid(path: &Path) -> Option<i32> {
-    if !path.is_absolute() {
-        return None;
+/// Whether `path` is absolute and named like a tree of ours, `zdd-<pid>-<hex>`.
+fn is_tree_name(path: &Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let parts = name.strip_prefix("zdd-").and_then(|r| r.split_once('-'));
+    path.is_absolute()
+        && parts.is_some_and(|(pid, tag)| {
+            pid.parse::<u32>().is_ok() && !tag.is_empty() && tag.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+}
+
+/// 64 random bits in hex, to tell apart trees of masters whose pids collide.
+fn random_tag() -> String {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most b.len() bytes into the buffer it is given.
+    let n = unsafe { nix::libc::getrandom(b.as_mut_ptr() as *mut nix::libc::c_void, b.len(), 0) };
+    if n != b.len() as isize {
+        // No entropy (very early boot): the clock's nanoseconds still tell masters apart.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        b = t.to_ne_bytes();
     }
-    path.file_name()?.to_str()?.strip_prefix("zdd-")?.parse().ok()
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn rmdir(path: &Path) -> Result<(), Errno> {
@@ -421,8 +433,7 @@ fn remove_tree(dir: &Path) -> Result<(), String> {
     }
 }
 
-/// `zdd-<pid>` in the master's own cgroup, created (or taken over from a dead process that had
-/// our pid), with the reason it cannot be when it cannot.
+/// `zdd-<pid>-<random>` in the master's own cgroup, or the reason it cannot be created.
 fn create_root() -> Result<PathBuf, String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("read /proc/self/mountinfo: {}", describe_io(&e)))?;
@@ -439,20 +450,10 @@ fn create_root() -> Result<PathBuf, String> {
     let procs = dir.join("cgroup.procs");
     nix::unistd::access(&procs, nix::unistd::AccessFlags::W_OK)
         .map_err(|e| format!("cannot move processes in {}: {}", dir.display(), describe(e)))?;
-    let root = dir.join(format!("zdd-{}", std::process::id()));
-    match nix::unistd::mkdir(&root, Mode::from_bits_truncate(0o755)) {
-        Ok(()) => Ok(root),
-        Err(Errno::EEXIST) => {
-            // Left by a process that had our pid: it is dead, and what it left must go.
-            let _ = kill_tree(&root);
-            wait_empty(&root, KILL_WAIT);
-            for sub in subdirs(&root) {
-                remove_tree(&sub)?;
-            }
-            Ok(root)
-        }
-        Err(e) => Err(format!("mkdir {}: {}", root.display(), describe(e))),
-    }
+    let root = dir.join(format!("zdd-{}-{}", std::process::id(), random_tag()));
+    nix::unistd::mkdir(&root, Mode::from_bits_truncate(0o755))
+        .map_err(|e| format!("mkdir {}: {}", root.display(), describe(e)))?;
+    Ok(root)
 }
 
 fn write_record(record: &Path, root: &Path) -> Result<(), String> {
@@ -469,14 +470,6 @@ fn write_record(record: &Path, root: &Path) -> Result<(), String> {
     nix::unistd::write(&fd, &text)
         .map(|_| ())
         .map_err(|e| format!("write: {}", describe(e)))
-}
-
-/// The directory of `pid`'s cgroup, if it is visible under our cgroup2 mount.
-fn cgroup_of(pid: i32) -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let (mount, mount_root) = cgroup2_mount(&mountinfo)?;
-    let own = own_cgroup(&std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)?;
-    cgroup_dir(&mount, &mount_root, &own)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -587,8 +580,12 @@ mod tests {
             record_path(Path::new("/run/zdd/app.pid")),
             PathBuf::from("/run/zdd/app.pid.cgroup")
         );
-        assert_eq!(tree_pid(Path::new("/sys/fs/cgroup/zdd-42")), Some(42));
-        assert_eq!(tree_pid(Path::new("/sys/fs/cgroup/other")), None);
-        assert_eq!(tree_pid(Path::new("zdd-42")), None);
+        assert!(is_tree_name(Path::new("/sys/fs/cgroup/zdd-42-00ff")));
+        assert!(is_tree_name(
+            &Path::new("/sys/fs/cgroup").join(format!("zdd-1-{}", random_tag()))
+        ));
+        assert!(!is_tree_name(Path::new("/sys/fs/cgroup/zdd-42")));
+        assert!(!is_tree_name(Path::new("/sys/fs/cgroup/other")));
+        assert!(!is_tree_name(Path::new("zdd-42-ab")));
     }
 }
