@@ -102,16 +102,7 @@ fn escaped_grandchildren_end_with_their_worker_and_free_the_port_at_stop() {
     let mut z = Zdd::spawn(&escaping_worker(port));
     let marker = z.path("escapee").display().to_string();
     z.wait_ready();
-    let master = z.pid();
-    let tree = tree_of(master);
     let first = z.started_pids()[0];
-    let own = cgroup_dir_of(first).unwrap();
-    assert!(
-        own.starts_with(&tree) && own.file_name().unwrap().to_str().unwrap().starts_with("w-1-0-"),
-        "the worker runs in its own cgroup under {}: {}",
-        tree.display(),
-        own.display()
-    );
     let escapees = wait_for("the first escapee", DEADLINE, || {
         let p = processes_with(&marker);
         (!p.is_empty()).then_some(p)
@@ -131,6 +122,20 @@ fn escaped_grandchildren_end_with_their_worker_and_free_the_port_at_stop() {
             (p.len() == 1).then_some(())
         });
     }
+    let tree = tree_of(z.pid());
+    let current = *z.started_pids().last().unwrap();
+    let own = cgroup_dir_of(current).unwrap();
+    assert!(
+        own.parent() == Some(tree.as_path()) && own.file_name().unwrap().to_str().unwrap().starts_with("w-4-0-"),
+        "the worker runs in its own cgroup under {}: {}",
+        tree.display(),
+        own.display()
+    );
+    assert_eq!(
+        cgroup_dir_of(processes_with(&marker)[0]).as_ref(),
+        Some(&own),
+        "so does its escapee"
+    );
     z.stop();
     wait_for("no escapee left after stop", DEADLINE, || {
         processes_with(&marker).is_empty().then_some(())
