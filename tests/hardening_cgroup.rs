@@ -294,3 +294,35 @@ fn a_worker_stuck_before_exec_is_killed_and_the_master_goes_on() {
     z.stop();
     assert!(!Path::new(&tree).exists(), "{} left behind", tree.display());
 }
+
+#[test]
+fn worker_cgroups_survive_an_upgrade_and_still_end_with_their_workers() {
+    if !cgroups_usable("worker_cgroups_survive_an_upgrade_and_still_end_with_their_workers") {
+        return;
+    }
+    let port = free_port();
+    let mut z = Zdd::spawn(&escaping_worker(port));
+    let marker = z.path("escapee").display().to_string();
+    z.wait_ready();
+    let tree = tree_of(z.pid());
+    let mut guard = KillOnDrop(wait_for("the first escapee", DEADLINE, || {
+        let p = processes_with(&marker);
+        (!p.is_empty()).then_some(p)
+    }));
+    z.signal(Signal::SIGUSR2);
+    z.wait_msg("upgraded: master re-executed");
+    // The new image kills the old worker's cgroup when the reload stops it...
+    z.reload(1);
+    wait_for("one escapee left after the reload", DEADLINE, || {
+        let p = processes_with(&marker);
+        guard.0.extend(&p);
+        (p.len() == 1).then_some(())
+    });
+    assert_eq!(tree_of(z.pid()), tree, "the same tree, handed over");
+    // ...and removes the whole tree at stop.
+    z.stop();
+    wait_for("no escapee left after stop", DEADLINE, || {
+        processes_with(&marker).is_empty().then_some(())
+    });
+    assert!(!tree.exists(), "{} left behind", tree.display());
+}
