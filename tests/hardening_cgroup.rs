@@ -123,6 +123,15 @@ fn escaped_grandchildren_end_with_their_worker_and_free_the_port_at_stop() {
         });
     }
     let tree = tree_of(z.pid());
+    // The old workers' cgroups were removed once empty, while the master runs.
+    wait_for("one worker cgroup left", DEADLINE, || {
+        let left: Vec<_> = std::fs::read_dir(&tree)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().unwrap().is_dir())
+            .collect();
+        (left.len() == 1).then_some(())
+    });
     let current = *z.started_pids().last().unwrap();
     let own = cgroup_dir_of(current).unwrap();
     assert!(
