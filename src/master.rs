@@ -537,7 +537,9 @@ impl Master {
                 w.kill_leftovers();
             }
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => continue,
+                Err(Errno::EINTR) => continue,
+                // Cannot happen after waitid said it exited; never spin on it.
+                Ok(WaitStatus::StillAlive) => break,
                 Err(e) => {
                     error!(self.log, "waitpid failed"; "error" => crate::errno::describe(e), "pid" => pid.as_raw());
                     break;
