@@ -40,6 +40,13 @@ pub enum ListenError {
     NotASocket { name: String, path: String },
     #[error("listener {name:?}: {path} is in use: another process listens on it")]
     InUse { name: String, path: String },
+    /// EADDRINUSE on a TCP bind, with who holds the port (portholder.rs).
+    #[error("listener {name:?}: bind {addr}: {}; {holders}", describe(Errno::EADDRINUSE))]
+    AddrInUse {
+        name: String,
+        addr: String,
+        holders: String,
+    },
 }
 
 /// A bound, listening socket.
@@ -81,7 +88,14 @@ impl Listener {
                     std::net::SocketAddr::V4(a) => bind(fd.as_raw_fd(), &SockaddrIn::from(*a)),
                     std::net::SocketAddr::V6(a) => bind(fd.as_raw_fd(), &SockaddrIn6::from(*a)),
                 };
-                r.map_err(|e| sys("bind", e))?;
+                r.map_err(|e| match e {
+                    Errno::EADDRINUSE => ListenError::AddrInUse {
+                        name: cfg.name.clone(),
+                        addr: cfg.addr.to_string(),
+                        holders: crate::portholder::describe(sa),
+                    },
+                    e => sys("bind", e),
+                })?;
                 (fd, None)
             }
             ListenAddr::Abstract(name) => {

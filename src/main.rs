@@ -4,6 +4,7 @@
 //! documented exit code (0 success, 1 action failed, 2 usage or config error, 3 master not
 //! running).
 
+mod cgroup;
 mod cli;
 mod client;
 mod clock;
@@ -15,6 +16,7 @@ mod listen;
 mod log;
 mod master;
 mod notify;
+mod portholder;
 mod relay;
 mod spawn;
 mod upgrade;

@@ -188,6 +188,8 @@ pub struct Master {
     control_paused_until: Option<Instant>,
     /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
     systemd: Option<SystemdNotifier>,
+    /// The workers' cgroups (cgroup.rs); removed at stop, before the pid-file lock goes.
+    cgroups: crate::cgroup::Cgroups,
     /// Dropped after the sockets: while the pid file exists, the lock is held.
     pid_file: PidFile,
     /// Declared last, so dropped last: a `zdd stop` client sees EOF only after the sockets
@@ -217,6 +219,9 @@ impl Master {
                 info!(log, "raised the master's open-file limit"; "workers_keep" => soft, "nofile" => now);
             }
         }
+        // No master of this config lives now: what a crashed one left must not keep the ports.
+        crate::cgroup::clean_stale(&log, &m.pid_file);
+        let cgroups = crate::cgroup::Cgroups::none(&log);
         ensure_parent(&m.notify_socket).map_err(|e| {
             StartError::Other(format!(
                 "create directory for {}: {}",
@@ -284,6 +289,7 @@ impl Master {
             orphan_pipes: Vec::new(),
             signals,
             notify,
+            cgroups,
             pid_file,
             control,
             started_at: Instant::now(),
@@ -308,6 +314,8 @@ impl Master {
         if self.phase == Phase::Starting {
             info!(self.log, "starting"; "workers" => self.config.worker.count, "generation" => 1, "pid" => std::process::id());
             self.slots = vec![Slot::default(); self.config.worker.count];
+            // Here, not in `start`: the tree is named after the master's pid (after daemonizing).
+            self.cgroups = crate::cgroup::Cgroups::start(&self.log, &self.config.master.pid_file);
             self.spawn_generation(Rc::clone(&self.config), self.listeners.clone(), 1);
         }
         loop {
@@ -323,6 +331,7 @@ impl Master {
                 self.on_signal(sig);
             }
             self.reap();
+            self.cgroups.service();
             self.read_notify();
             self.serve_control(&ready);
             self.pump_pipes(&ready);
@@ -337,6 +346,7 @@ impl Master {
             });
         }
         self.lines.flush();
+        self.cgroups.shutdown();
         info!(self.log, "stopped"; "exit_code" => self.exit_code);
         self.report_start(Err("the master stopped during start-up".into()));
         let pid = std::process::id();
@@ -391,6 +401,7 @@ impl Master {
                 });
             }
         }
+        let cgroup = self.cgroups.create(generation, slot);
         let spec = SpawnSpec {
             worker: &config.worker,
             names: config.listen.iter().map(|l| l.name.as_str()).collect(),
@@ -398,12 +409,19 @@ impl Master {
             notify_socket: self.notify.path(),
             generation,
             rlimits: &rlimits,
+            cgroup: cgroup.as_ref(),
         };
-        let spawned = spawn(&spec).map_err(|e| {
-            let msg = format!("starting worker: {e}");
-            error!(self.log, "{}", msg; "generation" => generation);
-            msg
-        })?;
+        let spawned = match spawn(&spec) {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    self.cgroups.release(cg);
+                }
+                let msg = format!("starting worker: {e}");
+                error!(self.log, "{}", msg; "generation" => generation);
+                return Err(msg);
+            }
+        };
         let now = Instant::now();
         let ready_at = match config.worker.ready {
             config::Ready::Delay(d) => Some(clock::after(now, d)),
@@ -429,6 +447,7 @@ impl Master {
             tail: Default::default(),
             status_text: None,
             _listeners: listeners.to_vec(),
+            cgroup,
         });
         Ok(())
     }
@@ -470,6 +489,14 @@ impl Master {
         }
         for (_, _, p) in &self.orphan_pipes {
             add(&mut fds, p.raw_fd());
+        }
+        // Killed workers' cgroups, to remove once empty.
+        for fd in self.cgroups.poll_fds() {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLPRI,
+                revents: 0,
+            });
         }
         let timeout = self.next_deadline().map_or(-1, |d| {
             let left = d.saturating_duration_since(Instant::now());
@@ -550,11 +577,26 @@ impl Master {
         // them while it is still known, so that they are attributed to it.
         self.read_notify();
         loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+            // Peek first (WNOWAIT): while the child is a zombie its pid and process group id
+            // cannot be reused, so what is left of a worker is killed before it is reaped.
+            let pid = match crate::worker::exited_child() {
+                Ok(Some(pid)) => pid,
+                Ok(None) | Err(Errno::ECHILD) => break,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
-                    error!(self.log, "waitpid failed"; "error" => crate::errno::describe(e));
+                    error!(self.log, "waitid failed"; "error" => crate::errno::describe(e));
+                    break;
+                }
+            };
+            if let Some(w) = self.workers.iter().find(|w| w.pid == pid) {
+                w.kill_leftovers();
+            }
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Err(Errno::EINTR) => continue,
+                // Cannot happen after waitid said it exited; never spin on it.
+                Ok(WaitStatus::StillAlive) => break,
+                Err(e) => {
+                    error!(self.log, "waitpid failed"; "error" => crate::errno::describe(e), "pid" => pid.as_raw());
                     break;
                 }
                 Ok(ws) => {
@@ -575,8 +617,11 @@ impl Master {
         self.drain_worker(i, true);
         self.feed(i, Event::Exited(status));
         let mut w = self.workers.remove(i);
-        // Whatever is left in its process group goes with it.
-        let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+        // Whatever was left in its process group was killed before reaping (`reap`); its
+        // cgroup, with any descendant that escaped the group, goes with it now.
+        if let Some(cg) = w.cgroup.take() {
+            self.cgroups.release(cg);
+        }
         for p in w.pipes.drain(..).filter(|p| !p.is_eof()) {
             self.orphan_pipes.push((w.pid, w.generation, p));
         }
@@ -1350,6 +1395,7 @@ impl Master {
                     listeners: w._listeners.iter().map(&mut index).collect(),
                     tail: w.tail.iter().cloned().collect(),
                     status_text: w.status_text.clone(),
+                    cgroup: w.cgroup.as_ref().map(|c| c.path().to_path_buf()),
                 }
             })
             .collect();
@@ -1396,6 +1442,7 @@ impl Master {
                 .collect(),
             reply_fd: from.map(|i| self.conns[i].raw_fd()),
             worker_nofile: self.worker_nofile,
+            cgroups: self.cgroups.handover(),
         };
         info!(self.log, "upgrading: re-executing the master"; "exe" => self.exe.display().to_string());
         if let Some(i) = from {
@@ -1452,6 +1499,7 @@ impl Master {
                     tail: w.tail.into_iter().collect(),
                     status_text: w.status_text,
                     _listeners: w.listeners.iter().filter_map(|&i| all.get(i).cloned()).collect(),
+                    cgroup: w.cgroup.map(crate::cgroup::WorkerCgroup::from_path),
                 }
             })
             .collect();
@@ -1469,7 +1517,9 @@ impl Master {
         if let Some(fd) = state.reply_fd {
             conns.push(Conn::from_fd(upgrade::own(fd)));
         }
+        let cgroups = crate::cgroup::Cgroups::resume(&log, state.cgroups, &m.pid_file);
         let mut master = Master {
+            cgroups,
             notify: NotifyServer::from_fd(upgrade::own(state.notify_fd), &m.notify_socket),
             control: ControlServer::from_fd(upgrade::own(state.control_fd), &m.control_socket),
             pid_file: PidFile::from_state(upgrade::own(pid_fd), pid_path, pid_ino),

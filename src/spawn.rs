@@ -7,7 +7,10 @@
 //!
 //! 1. reset every signal disposition to the default, then unblock all signals (the master
 //!    blocks them around fork so that no handler of the master runs in the child);
-//! 2. `setpgid(0, 0)`: its own process group, so stop and kill reach its children too;
+//! 2. `setpgid(0, 0)`: its own process group, so stop and kill reach its children too; then
+//!    it joins its cgroup (writes "0" into the worker cgroup's `cgroup.procs`, opened by the
+//!    master before fork), so that every descendant is contained, even one that leaves the
+//!    process group (see `cgroup.rs`);
 //! 3. lay out the fds: every source (stdin, the two log pipes, the listeners, the error pipe)
 //!    is first moved above the target range 0..3+n, then `dup2`ed into place (which clears
 //!    close-on-exec on the copy), and everything from 3+n up is marked close-on-exec;
@@ -18,7 +21,9 @@
 //!
 //! A step that fails writes (step, errno) to a close-on-exec pipe and exits 127; the master
 //! reads that pipe until EOF (exec closes it), so exec errors are reported precisely and
-//! synchronously: `exec /no/such/server: no such file or directory (ENOENT)`.
+//! synchronously: `exec /no/such/server: no such file or directory (ENOENT)`. That read is
+//! bounded by [`EXEC_TIMEOUT`]: a child stuck before exec (a `cwd` on a hung NFS mount, a
+//! frozen cgroup) is killed and reported, and the master's loop goes on.
 
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -43,6 +48,10 @@ pub enum SpawnError {
         "worker.user/worker.group: running workers as {user} needs a master running as root (it runs as uid {uid})"
     )]
     NeedsRoot { user: String, uid: u32 },
+    #[error("open {path}/cgroup.procs: {}", describe(*errno))]
+    Cgroup { path: String, errno: Errno },
+    #[error("worker pid {pid} did not reach exec within {}s (killed)", EXEC_TIMEOUT.as_secs())]
+    ExecTimeout { pid: i32 },
     #[error("{step} {object}: {}", describe(*errno))]
     Child {
         step: &'static str,
@@ -66,7 +75,12 @@ pub struct SpawnSpec<'a> {
     pub notify_socket: &'a Path,
     pub generation: u64,
     pub rlimits: &'a [crate::config::Rlimit],
+    /// The cgroup the child joins before exec, if the master has one for it.
+    pub cgroup: Option<&'a crate::cgroup::WorkerCgroup>,
 }
+
+/// How long the master waits for a forked child to reach exec (or report its failure).
+pub const EXEC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 // Steps reported through the error pipe.
 const STEP_PGID: u8 = 1;
@@ -79,6 +93,7 @@ const STEP_PDEATHSIG: u8 = 6;
 const STEP_RLIMIT: u8 = 32;
 const STEP_CHDIR: u8 = 8;
 const STEP_EXEC: u8 = 9;
+const STEP_CGROUP: u8 = 10;
 
 /// Variables a worker never inherits from the master's own environment.
 fn inherited_is_removed(key: &OsStr) -> bool {
@@ -259,6 +274,13 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     let (out_r, out_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(master_err("pipe"))?;
     let (err_r, err_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(master_err("pipe"))?;
     let (report_r, report_w) = pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(master_err("pipe"))?;
+    let cgroup_procs = match spec.cgroup {
+        Some(cg) => Some(cg.open_procs().map_err(|errno| SpawnError::Cgroup {
+            path: cg.path().display().to_string(),
+            errno,
+        })?),
+        None => None,
+    };
 
     let listener_fds: Vec<RawFd> = spec.listeners.iter().map(|l| l.raw_fd()).collect();
     let n = listener_fds.len() as c_int;
@@ -289,6 +311,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
                 sources: &mut sources,
                 n,
                 report_fd,
+                cgroup_procs: cgroup_procs.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
                 pid_slot: pid_slot_ptr,
                 groups: &groups,
                 uid,
@@ -321,17 +344,18 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     drop(out_w);
     drop(err_w);
     drop(devnull);
+    drop(cgroup_procs);
 
     let mut report = [0u8; 5];
-    let mut got = 0;
-    while got < report.len() {
-        match nix::unistd::read(report_r.as_raw_fd(), &mut report[got..]) {
-            Ok(0) => break,
-            Ok(k) => got += k,
-            Err(Errno::EINTR) => continue,
-            Err(_) => break,
+    let got = match read_report(&report_r, &mut report) {
+        Some(got) => got,
+        None => {
+            // Stuck before exec: kill it and go on. It is reaped by the master's loop like
+            // any child that is not a worker; its cgroup, if any, is released by the caller.
+            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            return Err(SpawnError::ExecTimeout { pid });
         }
-    }
+    };
     if got == 0 {
         return Ok(Spawned {
             pid: child,
@@ -345,6 +369,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     let errno = Errno::from_raw(i32::from_ne_bytes([report[1], report[2], report[3], report[4]]));
     let (step, object) = match report[0] {
         STEP_PGID => ("setpgid", String::new()),
+        STEP_CGROUP => (
+            "join cgroup",
+            spec.cgroup.map(|c| c.path().display().to_string()).unwrap_or_default(),
+        ),
         STEP_FDS => ("dup2", "listening sockets".into()),
         STEP_GROUPS => ("setgroups", String::new()),
         STEP_SETGID => ("setgid", gid.map(|g| g.to_string()).unwrap_or_default()),
@@ -366,6 +394,44 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     Err(SpawnError::Child { step, object, errno })
 }
 
+/// Read the child's exec report until EOF (exec closed it) or a full report, for at most
+/// [`EXEC_TIMEOUT`]. The number of bytes read, or None if the child did not get there in time.
+fn read_report(report_r: &OwnedFd, report: &mut [u8; 5]) -> Option<usize> {
+    let end = std::time::Instant::now() + EXEC_TIMEOUT;
+    let mut got = 0;
+    while got < report.len() {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        let mut pfd = [libc::pollfd {
+            fd: report_r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // Rounded up, so that we never wake just before the deadline and spin.
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as c_int;
+        // SAFETY: one valid pollfd, exclusively borrowed.
+        match unsafe { libc::poll(pfd.as_mut_ptr(), 1, ms) } {
+            0 => continue,
+            n if n < 0 => {
+                if Errno::last() == Errno::EINTR {
+                    continue;
+                }
+                break;
+            }
+            _ => {}
+        }
+        match nix::unistd::read(report_r.as_raw_fd(), &mut report[got..]) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    Some(got)
+}
+
 fn limit_text(v: u64) -> String {
     if v == libc::RLIM_INFINITY {
         "infinity".into()
@@ -378,6 +444,8 @@ struct ChildPlan<'a> {
     sources: &'a mut [RawFd],
     n: c_int,
     report_fd: RawFd,
+    /// The worker cgroup's `cgroup.procs`, or -1.
+    cgroup_procs: RawFd,
     pid_slot: *mut u8,
     groups: &'a [libc::gid_t],
     uid: Option<libc::uid_t>,
@@ -431,6 +499,10 @@ unsafe fn child_after_fork(plan: ChildPlan<'_>) -> ! {
     // 2. Own process group.
     if libc::setpgid(0, 0) != 0 {
         fail(plan.report_fd, STEP_PGID);
+    }
+    // Its own cgroup, before it runs anything else (and before a credential change).
+    if plan.cgroup_procs >= 0 && libc::write(plan.cgroup_procs, b"0".as_ptr() as *const libc::c_void, 1) != 1 {
+        fail(plan.report_fd, STEP_CGROUP);
     }
 
     // 3. Fds. Move every source, and the report pipe, above the target range first.

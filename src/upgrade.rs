@@ -55,6 +55,9 @@ pub struct WorkerState {
     pub listeners: Vec<usize>,
     pub tail: Vec<String>,
     pub status_text: Option<String>,
+    /// Its cgroup (cgroup.rs), if it has one.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -90,6 +93,9 @@ pub struct State {
     /// The open-file limit the first image was started with (workers get it back).
     #[serde(default)]
     pub worker_nofile: Option<(u64, u64)>,
+    /// The workers' cgroup tree (cgroup.rs), if the master has one.
+    #[serde(default)]
+    pub cgroups: Option<crate::cgroup::HandOver>,
 }
 
 impl State {

@@ -173,6 +173,9 @@ pub struct Worker {
     pub status_text: Option<String>,
     /// The sockets it received; holding them keeps them open while it runs.
     pub _listeners: Vec<Rc<Listener>>,
+    /// Its own cgroup, where the master could create one: SIGKILL reaches every descendant
+    /// there, even one that left the process group.
+    pub cgroup: Option<crate::cgroup::WorkerCgroup>,
 }
 
 impl Worker {
@@ -196,12 +199,49 @@ impl Worker {
                     if killpg(self.pid, Signal::SIGKILL).is_err() {
                         let _ = kill(self.pid, Signal::SIGKILL);
                     }
+                    if let Some(cg) = &self.cgroup {
+                        cg.kill();
+                    }
                     false
                 }
                 _ => true,
             })
             .collect()
     }
+}
+
+impl Worker {
+    /// The worker has exited and is still a zombie (see [`exited_child`]): SIGKILL whatever is
+    /// left of its process group and its cgroup. While the zombie exists its pid, and so the
+    /// process group id, cannot be reused: after reaping, `killpg` could hit a stranger.
+    pub fn kill_leftovers(&self) {
+        let _ = killpg(self.pid, Signal::SIGKILL);
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        }
+    }
+}
+
+/// A child that has exited, left a zombie (`WNOWAIT`): the caller acts on it while its pid is
+/// still taken, then reaps it with `waitpid(pid)`. `Ok(None)` when no child has exited.
+pub fn exited_child() -> Result<Option<Pid>, nix::errno::Errno> {
+    // SAFETY: siginfo_t is plain data, zeroed as waitid(2) asks for WNOHANG.
+    let mut info: nix::libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to the siginfo_t above.
+    let r = unsafe {
+        nix::libc::waitid(
+            nix::libc::P_ALL,
+            0,
+            &mut info,
+            nix::libc::WEXITED | nix::libc::WNOHANG | nix::libc::WNOWAIT,
+        )
+    };
+    if r < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    // SAFETY: waitid filled a SIGCHLD siginfo (or left it zeroed: si_pid 0).
+    let pid = unsafe { info.si_pid() };
+    Ok((pid != 0).then(|| Pid::from_raw(pid)))
 }
 
 /// Keep `line` among the last [`TAIL_LINES`] of a worker, reusing the oldest line's buffer.
