@@ -849,7 +849,7 @@ const RLIMIT_NAMES: &[(&str, Resource)] = &[
     ("stack", Resource::RLIMIT_STACK),
 ];
 
-fn rlimit_resource(name: &str) -> Option<(Resource, &'static str)> {
+pub(crate) fn rlimit_resource(name: &str) -> Option<(Resource, &'static str)> {
     let lower = name.to_ascii_lowercase();
     let lower = lower.strip_prefix("rlimit_").unwrap_or(&lower);
     RLIMIT_NAMES.iter().find(|(n, _)| *n == lower).map(|(n, r)| (*r, *n))

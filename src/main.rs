@@ -9,6 +9,7 @@ mod cli;
 mod client;
 mod clock;
 mod config;
+mod config_state;
 mod control;
 mod daemon;
 mod errno;
