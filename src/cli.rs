@@ -67,9 +67,16 @@ pub enum Command {
     },
     /// Re-execute the master's binary in place (a new zdd version), keeping sockets and workers
     Upgrade {
-        /// Give up waiting after this long
-        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
-        timeout: Option<Duration>,
+        /// Give up waiting after this long (the new binary's check takes at most 10s)
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "60s")]
+        timeout: Duration,
+    },
+    /// Asked of a new binary by the running master before an upgrade: can it read this
+    /// hand-over state version? (Internal.)
+    #[command(hide = true)]
+    UpgradeCheck {
+        #[arg(long, value_name = "N")]
+        state_version: u32,
     },
     /// Validate the config without touching a running master (like nginx -t)
     Check,

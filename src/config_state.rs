@@ -17,9 +17,6 @@
 //! Paths travel as serde's `PathBuf`, which must be valid UTF-8 to serialize, like the
 //! `config_path` already in the hand-over.
 
-// TODO: used by the upgrade hand-over (master.rs); the lead removes this once it is wired in.
-#![allow(dead_code)]
-
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -146,6 +146,11 @@ impl ControlServer {
         self.listener.as_raw_fd()
     }
 
+    /// Where it is bound.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Take over the socket handed across an upgrade.
     pub fn from_fd(fd: std::os::fd::OwnedFd, path: &Path) -> ControlServer {
         let listener = UnixListener::from(fd);
@@ -214,6 +219,9 @@ pub enum Waiting {
     Reload { attempt: u64 },
     /// The master's exit.
     Stop,
+    /// The outcome of the upgrade (answered by the new image, or the old one after a
+    /// rollback, or the old one if the new binary was refused).
+    Upgrade,
 }
 
 /// One client connection.

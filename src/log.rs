@@ -58,6 +58,37 @@ impl Sink {
     }
 }
 
+impl Sink {
+    /// What an upgrade hands over: the log file's path and its open fd (so that the new image
+    /// keeps writing to the same file even if its directory is gone meanwhile).
+    pub fn handover(&self) -> crate::upgrade::LogState {
+        use std::os::fd::AsRawFd;
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let fd = match &*inner {
+            Target::Stderr => None,
+            Target::File(f) => Some(f.as_raw_fd()),
+        };
+        crate::upgrade::LogState {
+            path: self.path.clone(),
+            fd,
+        }
+    }
+}
+
+/// The log of a master resumed after an upgrade: the file handed over (close-on-exec again),
+/// or stderr.
+pub fn resume(path: Option<PathBuf>, fd: Option<std::os::fd::RawFd>, format: LogFormat) -> (Logger, Sink) {
+    let target = match fd {
+        Some(fd) => Target::File(File::from(crate::upgrade::own(fd))),
+        None => Target::Stderr,
+    };
+    let sink = Sink {
+        inner: Arc::new(Mutex::new(target)),
+        path,
+    };
+    (logger(sink.clone(), format), sink)
+}
+
 impl Write for Sink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());

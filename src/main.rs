@@ -150,10 +150,17 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Upgrade { timeout } => {
             let m = load_master(&cli)?;
-            let o = judged(client::call(&m, &Request::Upgrade {}, *timeout, progress)?)?;
+            let o = judged(client::call(&m, &Request::Upgrade {}, Some(*timeout), progress)?)?;
             progress(&o.message);
             Ok(0)
         }
+        Command::UpgradeCheck { state_version } => match upgrade::check(*state_version) {
+            Ok(line) => {
+                out(&format!("{line}\n"));
+                Ok(0)
+            }
+            Err(e) => Err(fail(1, e)),
+        },
         Command::ReopenLogs => {
             let m = load_master(&cli)?;
             let o = judged(client::call(&m, &Request::ReopenLogs {}, QUICK, |_| {})?)?;

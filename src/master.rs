@@ -186,6 +186,8 @@ pub struct Master {
     worker_nofile: Option<(u64, u64)>,
     /// Not accepting control connections until then (accept failed).
     control_paused_until: Option<Instant>,
+    /// The new binary being checked before an upgrade's exec.
+    upgrade_check: Option<UpgradeCheck>,
     /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
     systemd: Option<SystemdNotifier>,
     /// The workers' cgroups (cgroup.rs); removed at stop, before the pid-file lock goes.
@@ -299,6 +301,7 @@ impl Master {
             exe: crate::upgrade::own_exe(),
             worker_nofile,
             control_paused_until: None,
+            upgrade_check: None,
             systemd: SystemdNotifier::from_env(),
             conns: Vec::new(),
         })
@@ -529,6 +532,7 @@ impl Master {
             .chain(restarts)
             .chain(requests)
             .chain(self.control_paused_until)
+            .chain(self.upgrade_check.as_ref().map(|c| c.deadline))
             .min()
     }
 
@@ -609,6 +613,9 @@ impl Master {
     }
 
     fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
+        if self.upgrade_check.as_ref().is_some_and(|c| c.pid == pid) {
+            return self.upgrade_checked(Some(status));
+        }
         let Some(i) = self.workers.iter().position(|w| w.pid == pid) else {
             debug!(self.log, "reaped orphan"; "status" => status.to_string(), "pid" => pid.as_raw());
             return;
@@ -692,6 +699,9 @@ impl Master {
     }
 
     fn tick(&mut self, now: Instant) {
+        if self.upgrade_check.as_ref().is_some_and(|c| c.deadline <= now) {
+            self.upgrade_checked(None);
+        }
         for i in 0..self.workers.len() {
             if self.workers[i].state.deadline().is_some_and(|d| d <= now) {
                 self.feed(i, Event::Tick(now));
@@ -1184,6 +1194,10 @@ impl Master {
             }
         }
         self.reload_again = false;
+        if let Some(check) = self.upgrade_check.take() {
+            let _ = nix::sys::signal::killpg(check.pid, Signal::SIGKILL);
+        }
+        self.finish_upgrade(Reply::err("upgrade cancelled: the master is stopping", Value::Null));
         for s in &mut self.slots {
             s.restart_at = None;
         }
@@ -1333,23 +1347,116 @@ impl Master {
     }
 }
 
+/// `zdd upgrade-check` of the new binary, running as a child of the master.
+struct UpgradeCheck {
+    pid: Pid,
+    /// Its stdout and stderr, read once it has exited.
+    output: std::fs::File,
+    deadline: Instant,
+}
+
 impl Master {
-    /// Re-execute the master's binary in place, keeping sockets, workers and their pipes.
-    fn upgrade(&mut self, from: Option<usize>) {
-        let refused = match (self.phase, &self.reload) {
+    /// Why an upgrade cannot start now, if it cannot.
+    fn upgrade_refusal(&self) -> Option<&'static str> {
+        match (self.phase, &self.reload) {
             (Phase::Starting, _) => Some("the first generation is still starting"),
             (Phase::Stopping, _) => Some("the master is stopping"),
             (Phase::Running, Some(_)) => Some("a reload is under way"),
             (Phase::Running, None) => None,
-        };
-        if let Some(why) = refused {
-            let msg = format!("upgrade refused: {why}");
-            warn!(self.log, "{}", msg);
-            if let Some(i) = from {
-                self.conns[i].send(&Reply::err(msg, Value::Null));
-            }
-            return;
         }
+    }
+
+    /// Answer every client waiting for the upgrade.
+    fn finish_upgrade(&mut self, reply: Reply) {
+        for c in &mut self.conns {
+            if c.waiting == Some(Waiting::Upgrade) {
+                c.waiting = None;
+                c.send(&reply);
+            }
+        }
+    }
+
+    fn refuse_upgrade(&mut self, msg: String) {
+        warn!(self.log, "{}", msg);
+        self.finish_upgrade(Reply::err(msg, Value::Null));
+    }
+
+    /// An upgrade asked for by SIGUSR2 (`from` = None) or a control client: first check the
+    /// new binary (asynchronously: the loop goes on), then re-execute it.
+    fn upgrade(&mut self, from: Option<usize>) {
+        if let Some(i) = from {
+            self.conns[i].waiting = Some(Waiting::Upgrade);
+        }
+        if self.upgrade_check.is_some() {
+            return self.progress_upgrade("an upgrade is under way; this one shares its outcome".into());
+        }
+        if let Some(why) = self.upgrade_refusal() {
+            return self.refuse_upgrade(format!("upgrade refused: {why}"));
+        }
+        let exe = self.exe.clone();
+        info!(self.log, "upgrade: checking the new binary"; "exe" => exe.display().to_string());
+        self.progress_upgrade(format!("checking {}", exe.display()));
+        match spawn_upgrade_check(&exe) {
+            Ok((pid, output)) => {
+                self.upgrade_check = Some(UpgradeCheck {
+                    pid,
+                    output,
+                    deadline: clock::from_now(upgrade::CHECK_TIMEOUT),
+                })
+            }
+            Err(e) => self.refuse_upgrade(format!(
+                "upgrade refused: cannot run {} upgrade-check: {e}; the master carries on unchanged",
+                exe.display()
+            )),
+        }
+    }
+
+    fn progress_upgrade(&mut self, message: String) {
+        let reply = Reply::progress(message);
+        for c in &mut self.conns {
+            if c.waiting == Some(Waiting::Upgrade) {
+                c.send(&reply);
+            }
+        }
+    }
+
+    /// The check child exited (reaped) or timed out (`status` = None).
+    fn upgrade_checked(&mut self, status: Option<ExitStatus>) {
+        let Some(mut check) = self.upgrade_check.take() else {
+            return;
+        };
+        let exe = self.exe.display().to_string();
+        let mut output = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(&mut check.output, 4096), &mut output);
+        let said = String::from_utf8_lossy(&output).trim().replace('\n', " | ");
+        let said = if said.is_empty() { "no output".to_string() } else { said };
+        let failure = match status {
+            None => {
+                let _ = nix::sys::signal::killpg(check.pid, Signal::SIGKILL);
+                Some(format!(
+                    "{exe} upgrade-check did not answer within {}",
+                    humantime::format_duration(upgrade::CHECK_TIMEOUT)
+                ))
+            }
+            Some(st) if !st.success() => Some(format!("{exe} upgrade-check {st}: {said}")),
+            Some(_) if !said.starts_with("zdd ") => Some(format!("{exe} upgrade-check answered {said:?}")),
+            Some(_) => None,
+        };
+        if let Some(f) = failure {
+            return self.refuse_upgrade(format!("upgrade refused: {f}; the master carries on unchanged"));
+        }
+        // The loop went on while the check ran: a reload or stop may have begun meanwhile.
+        if let Some(why) = self.upgrade_refusal() {
+            return self.refuse_upgrade(format!("upgrade refused: {why}"));
+        }
+        info!(self.log, "upgrade: the new binary answered"; "answer" => &said);
+        self.progress_upgrade(said);
+        self.exec_upgrade();
+    }
+
+    /// Re-execute the master's binary in place, keeping sockets, workers and their pipes.
+    fn exec_upgrade(&mut self) {
+        let from = self.conns.iter().position(|c| c.waiting == Some(Waiting::Upgrade));
         let now = Instant::now();
         let ms_left = |t: Instant| clock::ms(t.saturating_duration_since(now));
         let mut all: Vec<Rc<Listener>> = Vec::new();
@@ -1367,19 +1474,20 @@ impl Master {
             .iter()
             .filter(|w| w.state.is_alive())
             .map(|w| {
+                use upgrade::WorkerPhase as P;
                 let (state, remaining_ms, ready_in_ms) = match w.state {
                     State::Starting { deadline, ready_at } => {
-                        ("starting", Some(ms_left(deadline)), ready_at.map(ms_left))
+                        (P::Starting, Some(ms_left(deadline)), ready_at.map(ms_left))
                     }
-                    State::Ready => ("ready", None, None),
-                    State::Stopping { kill_at } => ("stopping", Some(ms_left(kill_at)), None),
-                    State::Killed | State::Exited(_) => ("killed", None, None),
+                    State::Ready => (P::Ready, None, None),
+                    State::Stopping { kill_at } => (P::Stopping, Some(ms_left(kill_at)), None),
+                    State::Killed | State::Exited(_) => (P::Killed, None, None),
                 };
                 upgrade::WorkerState {
                     pid: w.pid.as_raw(),
                     generation: w.generation,
                     slot: w.slot,
-                    state: state.into(),
+                    state,
                     remaining_ms,
                     ready_in_ms,
                     uptime_ms: clock::ms(w.started.elapsed()),
@@ -1390,7 +1498,7 @@ impl Master {
                         .pipes
                         .iter()
                         .filter(|p| !p.is_eof())
-                        .map(|p| (p.stream.as_str().to_string(), p.raw_fd(), p.partial().to_vec()))
+                        .map(|p| (stream_name(p.stream), p.raw_fd(), p.partial().to_vec()))
                         .collect(),
                     listeners: w._listeners.iter().map(&mut index).collect(),
                     tail: w.tail.iter().cloned().collect(),
@@ -1400,6 +1508,7 @@ impl Master {
             })
             .collect();
         let state = upgrade::State {
+            version: upgrade::STATE_VERSION,
             from_version: env!("CARGO_PKG_VERSION").into(),
             exe: self.exe.clone(),
             config_path: self.config.path.clone(),
@@ -1438,11 +1547,15 @@ impl Master {
             orphan_pipes: self
                 .orphan_pipes
                 .iter()
-                .map(|(pid, g, p)| (pid.as_raw(), *g, p.stream.as_str().to_string(), p.raw_fd()))
+                .map(|(pid, g, p)| (pid.as_raw(), *g, stream_name(p.stream), p.raw_fd()))
                 .collect(),
             reply_fd: from.map(|i| self.conns[i].raw_fd()),
             worker_nofile: self.worker_nofile,
             cgroups: self.cgroups.handover(),
+            config: Some(crate::config_state::ConfigState::from(&*self.config)),
+            notify_path: Some(self.notify.path().to_path_buf()),
+            control_path: Some(self.control.path().to_path_buf()),
+            log: Some(self.sink.handover()),
         };
         info!(self.log, "upgrading: re-executing the master"; "exe" => self.exe.display().to_string());
         if let Some(i) = from {
@@ -1452,14 +1565,49 @@ impl Master {
         let reason = upgrade::exec(&state);
         let msg = format!("upgrade failed: {reason}; the master carries on unchanged");
         error!(self.log, "{}", msg);
-        if let Some(i) = from {
-            self.conns[i].send(&Reply::err(msg, Value::Null));
-        }
+        self.finish_upgrade(Reply::err(msg, Value::Null));
     }
 
-    /// The new image after an upgrade: the same master, rebuilt around the fds it was handed.
-    pub fn resume(state: upgrade::State, log: Logger, sink: Sink) -> Result<Master, StartError> {
-        let config = Rc::new(config::parse(&state.config_path, &state.config_text)?);
+    /// The new image after an upgrade, first step: everything that can fail, before any
+    /// handed-over fd is taken over (so that a failure can still roll back to the old image
+    /// with every fd open): the running config, the log, the signal handlers.
+    fn prepare_resume(state: &upgrade::State) -> Result<Resumed, String> {
+        if std::env::var_os(FAULT_ENV).is_some_and(|v| v == "resume") {
+            return Err(format!(
+                "{FAULT_ENV}=resume: failing the resume on purpose (fault injection)"
+            ));
+        }
+        let config = match &state.config {
+            Some(c) => c
+                .clone()
+                .into_config()
+                .map_err(|e| format!("the running config handed over: {e}"))?,
+            // Version 1: only the text was handed over.
+            None => config::parse(&state.config_path, &state.config_text).map_err(|e| e.to_string())?,
+        };
+        let (log, sink) = match &state.log {
+            Some(l) => crate::log::resume(l.path.clone(), l.fd, config.master.log_format),
+            None => crate::log::build(&config.master.log, config.master.log_format)
+                .map_err(|e| format!("opening log {:?}: {}", config.master.log, describe_io(&e)))?,
+        };
+        let signals = Signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
+        Ok(Resumed {
+            config: Rc::new(config),
+            log,
+            sink,
+            signals,
+        })
+    }
+
+    /// The new image after an upgrade, second step: the same master, rebuilt around the fds it
+    /// was handed. Nothing here can fail.
+    fn resume(state: upgrade::State, prepared: Resumed, rolled_back: Option<String>) -> Master {
+        let Resumed {
+            config,
+            log,
+            sink,
+            signals,
+        } = prepared;
         let all: Vec<Rc<Listener>> = state
             .listeners
             .into_iter()
@@ -1471,16 +1619,17 @@ impl Master {
             .workers
             .into_iter()
             .map(|w| {
-                let state = match w.state.as_str() {
-                    "starting" => State::Starting {
+                use upgrade::WorkerPhase as P;
+                let state = match w.state {
+                    P::Starting => State::Starting {
                         deadline: clock::after(now, Duration::from_millis(w.remaining_ms.unwrap_or(0))),
                         ready_at: w.ready_in_ms.map(|ms| clock::after(now, Duration::from_millis(ms))),
                     },
-                    "ready" => State::Ready,
-                    "stopping" => State::Stopping {
+                    P::Ready => State::Ready,
+                    P::Stopping => State::Stopping {
                         kill_at: clock::after(now, Duration::from_millis(w.remaining_ms.unwrap_or(0))),
                     },
-                    _ => State::Killed,
+                    P::Killed => State::Killed,
                 };
                 Worker {
                     pid: Pid::from_raw(w.pid),
@@ -1494,7 +1643,7 @@ impl Master {
                     pipes: w
                         .pipes
                         .into_iter()
-                        .map(|(s, fd, partial)| Pipe::resume(upgrade::own(fd), Stream::parse(&s), partial))
+                        .map(|(s, fd, partial)| Pipe::resume(upgrade::own(fd), stream_of(s), partial))
                         .collect(),
                     tail: w.tail.into_iter().collect(),
                     status_text: w.status_text,
@@ -1503,8 +1652,7 @@ impl Master {
                 }
             })
             .collect();
-        let signals = Signals::install().map_err(|e| StartError::Other(format!("installing signal handlers: {e}")))?;
-        // The old image blocked every signal for the exec; our handlers are in place now.
+        // The old image blocked the handled signals for the exec; our handlers are in place now.
         // SAFETY: an empty sigset_t initialised by sigemptyset.
         unsafe {
             let mut empty: libc::sigset_t = std::mem::zeroed();
@@ -1517,11 +1665,14 @@ impl Master {
         if let Some(fd) = state.reply_fd {
             conns.push(Conn::from_fd(upgrade::own(fd)));
         }
-        let cgroups = crate::cgroup::Cgroups::resume(&log, state.cgroups, &m.pid_file);
+        // The sockets stay where they are bound, whatever [master] says now.
+        let notify_path = state.notify_path.clone().unwrap_or_else(|| m.notify_socket.clone());
+        let control_path = state.control_path.clone().unwrap_or_else(|| m.control_socket.clone());
+        let cgroups = crate::cgroup::Cgroups::resume(&log, state.cgroups, &pid_path);
         let mut master = Master {
             cgroups,
-            notify: NotifyServer::from_fd(upgrade::own(state.notify_fd), &m.notify_socket),
-            control: ControlServer::from_fd(upgrade::own(state.control_fd), &m.control_socket),
+            notify: NotifyServer::from_fd(upgrade::own(state.notify_fd), &notify_path),
+            control: ControlServer::from_fd(upgrade::own(state.control_fd), &control_path),
             pid_file: PidFile::from_state(upgrade::own(pid_fd), pid_path, pid_ino),
             log,
             lines: LineBatch::new(sink.clone(), config.master.log_format),
@@ -1549,52 +1700,142 @@ impl Master {
             orphan_pipes: state
                 .orphan_pipes
                 .into_iter()
-                .map(|(pid, g, s, fd)| (Pid::from_raw(pid), g, Pipe::new(upgrade::own(fd), Stream::parse(&s))))
+                .map(|(pid, g, s, fd)| (Pid::from_raw(pid), g, Pipe::new(upgrade::own(fd), stream_of(s))))
                 .collect(),
             signals,
             started_at: now.checked_sub(Duration::from_millis(state.uptime_ms)).unwrap_or(now),
             started_wall: wall(state.started_wall_ms),
             attempt: state.attempt,
             start_report: None,
-            exe: upgrade::own_exe(),
+            exe: state.exe.clone(),
             worker_nofile: state.worker_nofile,
             control_paused_until: None,
+            upgrade_check: None,
             systemd: SystemdNotifier::from_env(),
             conns,
         };
         let alive = master.workers.len();
-        info!(master.log, "upgraded: master re-executed";
-            "from_version" => &state.from_version, "version" => env!("CARGO_PKG_VERSION"),
-            "workers" => alive, "generation" => master.generation, "pid" => std::process::id());
-        let message = format!(
-            "upgraded: master pid {} now runs zdd {} (was {}); generation {} with {alive} worker{} kept",
-            std::process::id(),
-            env!("CARGO_PKG_VERSION"),
-            state.from_version,
-            master.generation,
-            if alive == 1 { "" } else { "s" }
-        );
-        let data = json!({ "pid": std::process::id(), "generation": master.generation });
+        let pid = std::process::id();
+        let data = json!({ "pid": pid, "generation": master.generation });
+        let reply = match rolled_back {
+            Some(reason) => {
+                let message = format!(
+                    "upgrade failed: {reason}; rolled back to zdd {} (master pid {pid}, generation {} with {alive} worker{} kept)",
+                    env!("CARGO_PKG_VERSION"),
+                    master.generation,
+                    if alive == 1 { "" } else { "s" }
+                );
+                error!(master.log, "{}", message);
+                Reply::err(message, data)
+            }
+            None => {
+                info!(master.log, "upgraded: master re-executed";
+                    "from_version" => &state.from_version, "version" => env!("CARGO_PKG_VERSION"),
+                    "workers" => alive, "generation" => master.generation, "pid" => pid);
+                let message = format!(
+                    "upgraded: master pid {pid} now runs zdd {} (was {}); generation {} with {alive} worker{} kept",
+                    env!("CARGO_PKG_VERSION"),
+                    state.from_version,
+                    master.generation,
+                    if alive == 1 { "" } else { "s" }
+                );
+                Reply::ok(message, data)
+            }
+        };
         for c in &mut master.conns {
-            c.send(&Reply::ok(message.clone(), data.clone()));
+            c.send(&reply);
         }
-        Ok(master)
+        master
     }
 }
 
+/// Set to `resume` to make the next upgraded image fail its resume (fault injection, for the
+/// rollback's tests; removed from the environment before the rollback's exec).
+pub const FAULT_ENV: &str = "ZDD_FAULT";
+
+/// What the fallible first step of a resume prepared.
+struct Resumed {
+    config: Rc<Config>,
+    log: Logger,
+    sink: Sink,
+    signals: Signals,
+}
+
+fn stream_name(s: Stream) -> upgrade::StreamName {
+    match s {
+        Stream::Stdout => upgrade::StreamName::Stdout,
+        Stream::Stderr => upgrade::StreamName::Stderr,
+    }
+}
+
+fn stream_of(s: upgrade::StreamName) -> Stream {
+    match s {
+        upgrade::StreamName::Stdout => Stream::Stdout,
+        upgrade::StreamName::Stderr => Stream::Stderr,
+    }
+}
+
+/// Start `exe upgrade-check --state-version N` in its own process group, stdout and stderr to
+/// one pipe (read once it has exited). The master's reaping collects it.
+fn spawn_upgrade_check(exe: &Path) -> Result<(Pid, std::fs::File), String> {
+    use std::os::unix::process::CommandExt;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+        .map_err(|e| format!("pipe: {}", crate::errno::describe(e)))?;
+    let w2 = w.try_clone().map_err(|e| format!("dup: {}", describe_io(&e)))?;
+    let child = std::process::Command::new(exe)
+        .arg("upgrade-check")
+        .arg("--state-version")
+        .arg(upgrade::STATE_VERSION.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(w)
+        .stderr(w2)
+        .process_group(0)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .spawn()
+        .map_err(|e| describe_io(&e))?;
+    let pid = Pid::from_raw(child.id() as i32);
+    // Not waited for through `child`: the loop reaps every child.
+    drop(child);
+    Ok((pid, std::fs::File::from(r)))
+}
+
 /// `zdd start --foreground`: load the config, run the master, return the exit code. After an
-/// upgrade's exec, it resumes the master from the state handed over instead.
+/// upgrade's exec, it resumes the master from the state handed over instead, or, if it cannot,
+/// goes back to the old image.
 pub fn run_foreground(config_path: &Path) -> Result<i32, StartError> {
-    if let Some(state) = upgrade::take_state() {
-        let state = state.map_err(StartError::Other)?;
-        let config = config::parse(&state.config_path, &state.config_text)?;
-        let (log, sink) = crate::log::build(&config.master.log, config.master.log_format)
-            .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;
-        return Ok(Master::resume(state, log, sink)?.run());
+    if let Some(taken) = upgrade::take_state() {
+        let taken = match taken {
+            Ok(t) => t,
+            Err((reason, rollback)) => return Err(StartError::Other(roll_back(&reason, &rollback, &[]))),
+        };
+        let fds = taken.state.fds(-1);
+        return match Master::prepare_resume(&taken.state) {
+            Ok(prepared) => {
+                let master = Master::resume(taken.state, prepared, taken.rolled_back);
+                taken.rollback.done();
+                Ok(master.run())
+            }
+            Err(reason) => Err(StartError::Other(roll_back(&reason, &taken.rollback, &fds))),
+        };
     }
     let config = config::load(config_path)?;
     let (log, sink) = crate::log::build(&config.master.log, config.master.log_format)
         .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;
     let master = Master::start(config, log, sink)?;
     Ok(master.run())
+}
+
+/// The new image failed before it was in charge: back to the old one. Returns only if that
+/// is impossible, with the whole story.
+fn roll_back(reason: &str, rollback: &upgrade::Rollback, fds: &[RawFd]) -> String {
+    eprintln!("zdd: upgrade failed: {reason}; rolling back to the previous binary");
+    std::env::remove_var(FAULT_ENV);
+    if !rollback.possible() {
+        return format!("resuming after a rolled-back upgrade failed too: {reason}");
+    }
+    let why = rollback.roll_back(reason, fds);
+    format!("upgrade failed: {reason}; and the rollback failed: {why}")
 }

@@ -31,14 +31,6 @@ impl Stream {
             Stream::Stderr => "stderr",
         }
     }
-
-    pub fn parse(s: &str) -> Stream {
-        if s == "stderr" {
-            Stream::Stderr
-        } else {
-            Stream::Stdout
-        }
-    }
 }
 
 /// The master's read end of one worker stream.

@@ -142,7 +142,9 @@ fn failed_exec_leaves_the_old_master_running() {
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
-        e.contains("upgrade failed: exec ") && e.contains("zdd-copy: no such file or directory (ENOENT)"),
+        // The new binary is checked before the exec: a missing one is refused there.
+        e.contains("upgrade refused: cannot run ")
+            && e.contains("zdd-copy upgrade-check: no such file or directory (ENOENT)"),
         "{e}"
     );
     assert!(e.contains("the master carries on unchanged"), "{e}");
