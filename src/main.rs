@@ -4,6 +4,21 @@
 //! documented exit code (0 success, 1 action failed, 2 usage or config error, 3 master not
 //! running).
 
+// An abort in the master is an outage (its workers die with it; release builds abort on
+// panic): nothing reachable from the config, the control socket, the environment or a worker
+// may panic. Tests may.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::unreachable,
+        clippy::todo,
+        clippy::unimplemented
+    )
+)]
+
 mod cgroup;
 mod cli;
 mod client;
