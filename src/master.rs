@@ -1549,6 +1549,7 @@ impl Master {
                 .iter()
                 .map(|(pid, g, p)| (pid.as_raw(), *g, stream_name(p.stream), p.raw_fd()))
                 .collect(),
+            orphan_partials: self.orphan_pipes.iter().map(|(_, _, p)| p.partial().to_vec()).collect(),
             reply_fd: from.map(|i| self.conns[i].raw_fd()),
             worker_nofile: self.worker_nofile,
             cgroups: self.cgroups.handover(),
@@ -1697,11 +1698,21 @@ impl Master {
             start_failure: None,
             phase: Phase::Running,
             exit_code: 0,
-            orphan_pipes: state
-                .orphan_pipes
-                .into_iter()
-                .map(|(pid, g, s, fd)| (Pid::from_raw(pid), g, Pipe::new(upgrade::own(fd), stream_of(s))))
-                .collect(),
+            orphan_pipes: {
+                let mut partials = state.orphan_partials.into_iter();
+                state
+                    .orphan_pipes
+                    .into_iter()
+                    .map(|(pid, g, s, fd)| {
+                        let partial = partials.next().unwrap_or_default();
+                        (
+                            Pid::from_raw(pid),
+                            g,
+                            Pipe::resume(upgrade::own(fd), stream_of(s), partial),
+                        )
+                    })
+                    .collect()
+            },
             signals,
             started_at: now.checked_sub(Duration::from_millis(state.uptime_ms)).unwrap_or(now),
             started_wall: wall(state.started_wall_ms),

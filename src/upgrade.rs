@@ -144,6 +144,9 @@ pub struct State {
     pub slots: Vec<SlotState>,
     /// Log pipes of reaped workers that are still open: (pid, generation, stream, fd).
     pub orphan_pipes: Vec<(i32, u64, StreamName, RawFd)>,
+    /// The incomplete last line of each of `orphan_pipes`, in the same order (version 2).
+    #[serde(default)]
+    pub orphan_partials: Vec<Vec<u8>>,
     /// The control connection that asked for the upgrade, answered by the new image.
     pub reply_fd: Option<RawFd>,
     /// The open-file limit the first image was started with (workers get it back).
