@@ -108,7 +108,9 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Start { foreground: true } => Ok(master::run_foreground(&cli.config)? as u8),
         Command::Start { foreground: false } => Ok(daemon::start_daemon(&cli.config)?),
         Command::Reload { if_generation, timeout } => {
-            let c = load(&cli)?;
+            // What the master will check itself: the worker's settings, not the [master] ones,
+            // which a reload does not apply.
+            let c = config::load_with(&cli.config, config::Checks::Reload).map_err(|e| fail(2, e))?;
             let req = Request::Reload {
                 if_generation: *if_generation,
             };
@@ -118,7 +120,8 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Stop { timeout } => {
             let m = load_master(&cli)?;
-            let deadline = timeout.map(|t| Instant::now() + t);
+            // A timeout too long to add to the clock is no deadline at all.
+            let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
             let o = client::call(&m, &Request::Stop {}, *timeout, progress).map_err(|e| match e {
                 client::ClientError::Timeout(t) => fail(
                     1,

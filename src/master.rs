@@ -898,7 +898,7 @@ impl Master {
             m.tell_systemd(format!("READY=1\nSTATUS={msg}; {}", m.serving_status()));
             m.finish_reload(Err((msg, json!({ "generation": m.generation }))));
         };
-        let config = match config::load(&self.config.path) {
+        let config = match config::load_with(&self.config.path, config::Checks::Reload) {
             Ok(c) => Rc::new(c),
             Err(e) => return fail(self, format!("reload failed: invalid config; nothing changed: {e}")),
         };

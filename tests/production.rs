@@ -109,10 +109,13 @@ fn rlimits_and_umask_apply_to_workers() {
 fn impossible_rlimit_is_a_clear_start_error() {
     let z = Zdd::new("[worker]\ncommand = [\"{fixture}\", \"--ready\"]\n[rlimits]\nnofile = 1099511627776\n");
     let o = z.command(&["start", "--foreground"]).output().unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    // Found by validation, like `zdd check` finds it, with the position.
+    assert_eq!(o.status.code(), Some(2));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
-        e.contains("setrlimit nofile (soft 1099511627776, hard 1099511627776): operation not permitted (EPERM)"),
+        e.contains(
+            "app.toml:8:10: rlimits.nofile: 1099511627776 is above the kernel's maximum of open files per process"
+        ),
         "{e}"
     );
     z.assert_clean();
