@@ -214,7 +214,10 @@ impl Master {
         let control = ControlServer::bind(&m.control_socket)?;
         // Sockets systemd passed to us are adopted for the [[listen]] entries they match, by
         // name first, else by address; the rest are bound here.
-        let mut inherited: Vec<(Option<String>, OwnedFd)> = crate::listen::take_systemd_sockets();
+        let (mut inherited, refused): (Vec<(Option<String>, OwnedFd)>, _) = crate::listen::take_systemd_sockets();
+        for why in refused {
+            warn!(log, "a socket passed by systemd cannot be a listener: {}", why);
+        }
         let mut listeners = Vec::with_capacity(config.listen.len());
         for lc in &config.listen {
             let found = inherited
