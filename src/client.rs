@@ -42,8 +42,10 @@ pub struct Outcome {
     pub reader: BufReader<UnixStream>,
 }
 
+/// Whether `pid` is a running process: it exists, and is not a zombie waiting for its parent
+/// (`kill(pid, 0)` succeeds on a zombie, which holds no socket and serves nothing).
 fn pid_alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && !is_zombie(pid)
 }
 
 /// Explain why the control socket does not answer.
@@ -176,7 +178,7 @@ pub fn wait_gone(mut reader: BufReader<UnixStream>, pid: i32, deadline: Option<I
         )));
     }
     let mut pause = Duration::from_millis(1);
-    while pid_alive(pid) && !is_zombie(pid) {
+    while pid_alive(pid) {
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(ClientError::Failed(format!(
                 "master pid {pid} still running at the timeout"
@@ -188,10 +190,17 @@ pub fn wait_gone(mut reader: BufReader<UnixStream>, pid: i32, deadline: Option<I
     Ok(())
 }
 
+/// Whether `pid` is a zombie (or gone): the state field of /proc/PID/stat, which follows the
+/// command name in parentheses (a name that may itself hold ')' and spaces).
 fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-        .unwrap_or(true)
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| stat_is_zombie(&s))
+}
+
+fn stat_is_zombie(stat: &str) -> bool {
+    match stat.rfind(')') {
+        Some(i) => matches!(stat[i + 1..].trim_start().chars().next(), Some('Z' | 'X' | 'x')),
+        None => false,
+    }
 }
 
 /// Human-readable `zdd status`.
@@ -230,4 +239,26 @@ pub fn format_status(s: &Value) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zombie_state_is_read_after_the_command_name() {
+        assert!(stat_is_zombie("42 (zdd) Z 1 42 42 0 -1"));
+        assert!(!stat_is_zombie("42 (zdd) S 1 42 42 0 -1"));
+        // A command name may hold spaces and parentheses: the state follows the last ')'.
+        assert!(stat_is_zombie("42 (a) S (b)) Z 1 42"));
+        assert!(!stat_is_zombie("42 (Z) R 1 42"));
+        assert!(!stat_is_zombie("garbage"));
+    }
+
+    #[test]
+    fn odd_pids_are_not_alive() {
+        assert!(!pid_alive(0));
+        assert!(!pid_alive(-1));
+        assert!(pid_alive(std::process::id() as i32));
+    }
 }

@@ -8,11 +8,20 @@
 //! Relative paths in the file (pid_file, control_socket, log, cwd, unix listeners) are resolved
 //! against the directory that holds the config file, so a config means the same thing whatever
 //! directory `zdd` is run from.
+//!
+//! Validation has two layers, chosen by [`Checks`]. The text alone (types, ranges, bounded
+//! durations and argv, listeners that cannot all be bound) is checked everywhere, including by
+//! an upgraded master re-reading the text it ran with. On top of that, [`load`] checks the file
+//! against the host the way `start` would meet it: the worker's program resolves in PATH and is
+//! executable, `cwd` is a directory, rlimits can be granted, the log is not a directory, the
+//! runtime directory is trusted. A reload checks only what it uses (the worker's part).
 
 use std::collections::{BTreeMap, HashSet};
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,6 +30,34 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Group, Uid, User};
 use serde::Deserialize;
 use toml::Spanned;
+
+/// The longest duration any setting accepts (start_timeout, stop_timeout, ready_delay): 24
+/// hours. Anything longer is a typo; bounding it here also keeps every deadline the master
+/// computes (`Instant + Duration`) far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest single argument or environment entry the kernel passes to exec
+/// (MAX_ARG_STRLEN, 32 pages, including the terminating NUL).
+pub const MAX_ARG_LEN: usize = 32 * 4096 - 1;
+/// The worker's argv plus its configured environment, counted as exec counts them (each string
+/// with its NUL and its pointer): at most 1 MiB, half of the usual ARG_MAX, so that the
+/// inherited environment still fits.
+pub const MAX_ARGS_TOTAL: usize = 1024 * 1024;
+/// A config error message is cut beyond this, so that no input is echoed whole.
+const MAX_MESSAGE: usize = 1024;
+/// A value quoted in an error message is cut beyond this.
+const MAX_SHOWN: usize = 64;
+
+/// How far validation goes beyond the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Checks {
+    /// The text alone: what an upgraded master re-reads (its running state, not the host as it
+    /// is now, is the truth then), and what the fuzzer drives.
+    Text,
+    /// Also the worker's settings against the host (program, cwd, rlimits): a reload.
+    Reload,
+    /// Also the master's own files (log, runtime directory): `check` and `start`.
+    Start,
+}
 
 /// A config error, printed as `file:line:column: key: message`.
 #[derive(Debug, thiserror::Error)]
@@ -262,8 +299,8 @@ impl Source<'_> {
             file: self.file.clone(),
             line,
             col,
-            key: key.to_string(),
-            msg: msg.into(),
+            key: cut(key, MAX_SHOWN),
+            msg: cut(&msg.into(), MAX_MESSAGE),
         }
     }
 
@@ -292,24 +329,40 @@ impl Source<'_> {
     }
 }
 
-/// Read, parse and validate a config file.
+/// Read, parse and validate a config file, and check it against the host as `start` will
+/// meet it: the one function behind `zdd check` and `zdd start`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, Checks::Start)
+}
+
+/// Read, parse and validate a config file with the given depth of checks.
+pub fn load_with(path: &Path, checks: Checks) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         file: path.display().to_string(),
         source,
     })?;
-    parse(path, &text)
+    parse_with(path, &text, checks)
 }
 
-/// Parse and validate config text; `path` names the file in errors and anchors relative paths.
+/// Parse and validate config text alone; `path` names the file in errors and anchors relative
+/// paths.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_with(path, text, Checks::Text)
+}
+
+/// Parse and validate config text, with `checks` against the host.
+pub fn parse_with(path: &Path, text: &str, checks: Checks) -> Result<Config, ConfigError> {
     let src = Source {
         file: path.display().to_string(),
         text,
     };
     let raw: RawConfig = deserialize(&src)?;
     let (base, stem) = anchors(path);
-    let v = Validator { src: &src, base: &base };
+    let v = Validator {
+        src: &src,
+        base: &base,
+        checks,
+    };
 
     let master = v.master(&raw.master, &stem)?;
     let Some(worker) = &raw.worker else {
@@ -319,9 +372,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let rlimits = raw
         .rlimits
         .iter()
-        .map(|(name, value)| v.rlimit(name, value))
+        .map(|(name, value)| v.rlimit(name, value, &worker))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut listen = Vec::with_capacity(raw.listen.len());
+    let mut listen: Vec<ListenConfig> = Vec::with_capacity(raw.listen.len());
     let mut names = HashSet::new();
     let mut addrs = HashSet::new();
     for entry in &raw.listen {
@@ -330,11 +383,30 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             return Err(src.err(
                 entry.get_ref().name.span(),
                 "listen.name",
-                format!("duplicate listener name {:?}", l.name),
+                format!("duplicate listener name {}", shown(&l.name)),
             ));
         }
         if !addrs.insert(l.addr.clone()) {
             return Err(src.err(entry.span(), "listen", format!("address {} is listed twice", l.addr)));
+        }
+        if let ListenAddr::Tcp(a) = &l.addr {
+            let other = listen.iter().find_map(|o| match &o.addr {
+                ListenAddr::Tcp(b) if tcp_overlap(a, b) => Some((o, b)),
+                _ => None,
+            });
+            if let Some((o, b)) = other {
+                return Err(src.err(
+                    entry.span(),
+                    "listen",
+                    format!(
+                        "address {a} overlaps {b} of listener {}: a wildcard address already takes \
+                         port {} for every address of its family, so the second bind would fail \
+                         (EADDRINUSE); keep only one of them",
+                        shown(&o.name),
+                        a.port()
+                    ),
+                ));
+            }
         }
         listen.push(l);
     }
@@ -403,17 +475,147 @@ pub fn load_master(path: &Path) -> Result<MasterConfig, ConfigError> {
     };
     let raw: RawMasterOnly = deserialize(&src)?;
     let (base, stem) = anchors(path);
-    Validator { src: &src, base: &base }.master(&raw.master, &stem)
+    Validator {
+        src: &src,
+        base: &base,
+        checks: Checks::Text,
+    }
+    .master(&raw.master, &stem)
 }
 
 struct Validator<'a> {
     src: &'a Source<'a>,
     base: &'a Path,
+    checks: Checks,
+}
+
+/// `s` quoted, cut to [`MAX_SHOWN`] bytes: no value is ever echoed whole in an error.
+fn shown(s: &str) -> String {
+    if s.len() <= MAX_SHOWN {
+        return format!("{s:?}");
+    }
+    format!("{:?}… ({} bytes)", &s[..floor_char_boundary(s, MAX_SHOWN)], s.len())
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), saying how long it was.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    format!("{}… ({} bytes in all)", &s[..floor_char_boundary(s, max)], s.len())
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("invalid duration {s:?}: {e} (examples: \"250ms\", \"30s\", \"1m30s\")"))
+    humantime::parse_duration(s).map_err(|e| {
+        format!(
+            "invalid duration {}: {e} (examples: \"250ms\", \"30s\", \"1m30s\")",
+            shown(s)
+        )
+    })
+}
+
+/// Whether two tcp listeners cannot both be bound: the same port, one of them a wildcard
+/// covering the other (`0.0.0.0` covers every IPv4 address; `[::]`, dual-stack as zdd binds it,
+/// covers every address of both families). Port 0 asks for a fresh port and never collides.
+fn tcp_overlap(a: &SocketAddr, b: &SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 || a == b {
+        return false;
+    }
+    let v6_any = |x: &SocketAddr| x.is_ipv6() && x.ip().is_unspecified();
+    if v6_any(a) || v6_any(b) {
+        return true;
+    }
+    a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Resolve a worker's program as execvp would: a name with a '/' is a path (relative to the
+/// worker's cwd), anything else is looked up in `path_var` (default
+/// `/usr/local/bin:/usr/bin:/bin`). Shared by the spawn path and by validation.
+pub fn find_program(program: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    let path_var = path_var.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    std::env::split_paths(path_var)
+        .map(|dir| dir.join(program))
+        .find(|candidate| nix::unistd::access(candidate, nix::unistd::AccessFlags::X_OK).is_ok() && candidate.is_file())
+}
+
+/// A user as errors name it: `uid 65534 (nobody)`.
+fn user_text(uid: u32) -> String {
+    match User::from_uid(Uid::from_raw(uid)) {
+        Ok(Some(u)) => format!("uid {uid} ({})", u.name),
+        _ => format!("uid {uid}"),
+    }
+}
+
+/// Whether `dir` may hold this master's pid file and sockets: owned by root or by us, and
+/// writable by nobody else (no group or other write bit, sticky or not: in a shared directory
+/// another user can plant the names before we do). A symbolic link is followed only if root or
+/// we own it too. Used by `check` and again by `start` right after creating the directory.
+pub fn check_runtime_dir(dir: &Path) -> Result<(), String> {
+    let me = Uid::effective().as_raw();
+    let trusted = |uid: u32| uid == me || uid == 0;
+    let stat = |follow: bool| {
+        let m = if follow {
+            std::fs::metadata(dir)
+        } else {
+            std::fs::symlink_metadata(dir)
+        };
+        m.map_err(|e| {
+            format!(
+                "runtime directory {}: stat: {}",
+                dir.display(),
+                crate::errno::describe_io(&e)
+            )
+        })
+    };
+    let link = stat(false)?;
+    if link.file_type().is_symlink() && !trusted(link.uid()) {
+        return Err(format!(
+            "runtime directory {} is a symbolic link owned by {}, not by root or {}; refusing to use it",
+            dir.display(),
+            user_text(link.uid()),
+            user_text(me)
+        ));
+    }
+    let m = stat(true)?;
+    let mode = m.permissions().mode() & 0o7777;
+    if !m.is_dir() {
+        return Err(format!("runtime directory {} is not a directory", dir.display()));
+    }
+    if !trusted(m.uid()) {
+        return Err(format!(
+            "runtime directory {} is owned by {} (mode {mode:04o}), not by root or {}; refusing to use it",
+            dir.display(),
+            user_text(m.uid()),
+            user_text(me)
+        ));
+    }
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "runtime directory {} is writable by others (owner {}, mode {mode:04o}); refusing to use it: \
+             give zdd a directory of its own, mode 0700 or 0755",
+            dir.display(),
+            user_text(m.uid())
+        ));
+    }
+    Ok(())
+}
+
+fn limit_text(v: u64) -> String {
+    if v == nix::libc::RLIM_INFINITY {
+        "infinity".into()
+    } else {
+        v.to_string()
+    }
 }
 
 /// Parse a signal name: `TERM`, `SIGTERM` or a number.
@@ -423,7 +625,8 @@ pub fn parse_signal(s: &str) -> Result<Signal, String> {
         return Signal::try_from(n).map_err(|_| format!("unknown signal number {n}"));
     }
     let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
-    name.parse::<Signal>().map_err(|_| format!("unknown signal {s:?}"))
+    name.parse::<Signal>()
+        .map_err(|_| format!("unknown signal {}", shown(s)))
 }
 
 impl Validator<'_> {
@@ -447,17 +650,38 @@ impl Validator<'_> {
         Ok(self.path(v.get_ref()))
     }
 
-    fn duration(&self, v: &Option<Spanned<String>>, key: &str, default: Duration) -> Result<Duration, ConfigError> {
-        match v {
-            None => Ok(default),
-            Some(s) => parse_duration(s.get_ref()).map_err(|m| self.err(s.span(), key, m)),
+    /// A duration of at most [`MAX_DURATION`], and above zero if `nonzero`.
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+        nonzero: bool,
+    ) -> Result<Duration, ConfigError> {
+        let Some(s) = v else { return Ok(default) };
+        let d = parse_duration(s.get_ref()).map_err(|m| self.err(s.span(), key, m))?;
+        if d > MAX_DURATION {
+            return Err(self.err(
+                s.span(),
+                key,
+                format!("{} is longer than the maximum of 24h", shown(s.get_ref())),
+            ));
         }
+        if nonzero && d.is_zero() {
+            return Err(self.err(s.span(), key, "must be longer than 0s"));
+        }
+        Ok(d)
     }
 
     fn octal(&self, v: &Spanned<Octal>, key: &str, max: u32) -> Result<u32, ConfigError> {
         let n = match v.get_ref() {
-            Octal::Text(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8)
-                .map_err(|_| self.err(v.span(), key, format!("{s:?} is not an octal number such as \"0660\"")))?,
+            Octal::Text(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| {
+                self.err(
+                    v.span(),
+                    key,
+                    format!("{} is not an octal number such as \"0660\"", shown(s)),
+                )
+            })?,
             Octal::Int(i) => u32::try_from(*i).map_err(|_| self.err(v.span(), key, "must not be negative"))?,
         };
         if n > max {
@@ -498,8 +722,32 @@ impl Validator<'_> {
         let log = match &m.log {
             None => LogTarget::Stderr,
             Some(s) if s.get_ref() == "stderr" => LogTarget::Stderr,
-            Some(s) => LogTarget::File(self.nonempty_path(s, "master.log")?),
+            Some(s) => {
+                let path = self.nonempty_path(s, "master.log")?;
+                if self.checks >= Checks::Start {
+                    check_log_path(&path).map_err(|msg| self.err(s.span(), "master.log", msg))?;
+                }
+                LogTarget::File(path)
+            }
         };
+        if self.checks >= Checks::Start {
+            // Only a directory that exists can be judged here; `start` creates a missing one
+            // and judges it then.
+            for (p, key, given) in [
+                (&pid_file, "master.pid_file", &m.pid_file),
+                (&control_socket, "master.control_socket", &m.control_socket),
+            ] {
+                if let Some(dir) = p.parent().filter(|d| d.exists()) {
+                    // A default path derives from control_socket's: name that key then.
+                    let (span, key) = match (given, &m.control_socket) {
+                        (Some(s), _) => (s.span(), key),
+                        (None, Some(s)) => (s.span(), "master.control_socket"),
+                        (None, None) => (0..0, "master.control_socket"),
+                    };
+                    check_runtime_dir(dir).map_err(|msg| self.err(span, key, msg))?;
+                }
+            }
+        }
         let log_format = match m.log_format.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
             None | Some(("text", _)) => LogFormat::Text,
             Some(("json", _)) => LogFormat::Json,
@@ -507,7 +755,7 @@ impl Validator<'_> {
                 return Err(self.err(
                     span,
                     "master.log_format",
-                    format!("expected \"text\" or \"json\", got {other:?}"),
+                    format!("expected \"text\" or \"json\", got {}", shown(other)),
                 ))
             }
         };
@@ -545,6 +793,16 @@ impl Validator<'_> {
                 "arguments must not contain NUL bytes",
             ));
         }
+        if let Some((i, a)) = command.iter().enumerate().find(|(_, a)| a.len() > MAX_ARG_LEN) {
+            return Err(self.err(
+                w.command.span(),
+                "worker.command",
+                format!(
+                    "argument {i} is {} bytes long; exec takes at most {MAX_ARG_LEN} bytes per argument",
+                    a.len()
+                ),
+            ));
+        }
         let cwd = w
             .cwd
             .as_ref()
@@ -553,9 +811,49 @@ impl Validator<'_> {
         let mut env = Vec::with_capacity(w.env.len());
         for (k, v) in &w.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.get_ref().contains('\0') {
-                return Err(self.err(v.span(), "worker.env", format!("invalid environment variable {k:?}")));
+                return Err(self.err(
+                    v.span(),
+                    "worker.env",
+                    format!("invalid environment variable {}", shown(k)),
+                ));
+            }
+            if k.len() + 1 + v.get_ref().len() > MAX_ARG_LEN {
+                return Err(self.err(
+                    v.span(),
+                    "worker.env",
+                    format!(
+                        "{} is {} bytes long; exec takes at most {MAX_ARG_LEN} bytes per variable",
+                        shown(k),
+                        k.len() + 1 + v.get_ref().len()
+                    ),
+                ));
             }
             env.push((k.clone(), v.get_ref().clone()));
+        }
+        // What exec counts against ARG_MAX: each string, its NUL and its pointer.
+        let total: usize = command
+            .iter()
+            .map(String::len)
+            .chain(env.iter().map(|(k, v)| k.len() + 1 + v.len()))
+            .map(|n| n + 1 + std::mem::size_of::<usize>())
+            .sum();
+        if total > MAX_ARGS_TOTAL {
+            return Err(self.err(
+                w.command.span(),
+                "worker.command",
+                format!(
+                    "the command and env take {total} bytes for exec; at most {MAX_ARGS_TOTAL} (1 MiB) are accepted"
+                ),
+            ));
+        }
+        if self.checks >= Checks::Reload {
+            if let Some(c) = &w.cwd {
+                let dir = self.path(c.get_ref());
+                check_cwd(&dir).map_err(|msg| self.err(c.span(), "worker.cwd", msg))?;
+            }
+            let dir = cwd.clone().or_else(|| std::env::current_dir().ok());
+            check_program(&command[0], &env, dir.as_deref())
+                .map_err(|msg| self.err(w.command.span(), "worker.command", msg))?;
         }
         let user = w
             .user
@@ -595,17 +893,17 @@ impl Validator<'_> {
                 Ready::Notify
             }
             Some(("delay", _)) => {
-                Ready::Delay(self.duration(&w.ready_delay, "worker.ready_delay", Duration::from_secs(1))?)
+                Ready::Delay(self.duration(&w.ready_delay, "worker.ready_delay", Duration::from_secs(1), false)?)
             }
             Some((other, span)) => {
                 return Err(self.err(
                     span,
                     "worker.ready",
-                    format!("expected \"notify\" or \"delay\", got {other:?}"),
+                    format!("expected \"notify\" or \"delay\", got {}", shown(other)),
                 ))
             }
         };
-        let start_timeout = self.duration(&w.start_timeout, "worker.start_timeout", Duration::from_secs(60))?;
+        let start_timeout = self.duration(&w.start_timeout, "worker.start_timeout", Duration::from_secs(60), true)?;
         if let Ready::Delay(d) = ready {
             if d >= start_timeout {
                 let span = w.ready_delay.as_ref().map_or(0..0, |s| s.span());
@@ -620,7 +918,7 @@ impl Validator<'_> {
             let span = w.stop_signal.as_ref().map_or(0..0, |s| s.span());
             return Err(self.err(span, "worker.stop_signal", "SIGSTOP cannot stop a worker"));
         }
-        let stop_timeout = self.duration(&w.stop_timeout, "worker.stop_timeout", Duration::from_secs(30))?;
+        let stop_timeout = self.duration(&w.stop_timeout, "worker.stop_timeout", Duration::from_secs(30), false)?;
         let restart = match w.restart.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
             None | Some(("always", _)) => Restart::Always,
             Some(("on-failure", _)) => Restart::OnFailure,
@@ -629,7 +927,7 @@ impl Validator<'_> {
                 return Err(self.err(
                     span,
                     "worker.restart",
-                    format!("expected \"always\", \"on-failure\" or \"never\", got {other:?}"),
+                    format!("expected \"always\", \"on-failure\" or \"never\", got {}", shown(other)),
                 ))
             }
         };
@@ -647,7 +945,7 @@ impl Validator<'_> {
                     return Err(self.err(
                         c.span(),
                         "worker.compat",
-                        format!("expected \"einhorn\" or \"server_starter\", got {other:?}"),
+                        format!("expected \"einhorn\" or \"server_starter\", got {}", shown(other)),
                     ))
                 }
             });
@@ -668,14 +966,15 @@ impl Validator<'_> {
         })
     }
 
-    fn rlimit(&self, name: &str, v: &Spanned<RawLimit>) -> Result<Rlimit, ConfigError> {
-        let key = format!("rlimits.{name}");
+    fn rlimit(&self, name: &str, v: &Spanned<RawLimit>, worker: &WorkerConfig) -> Result<Rlimit, ConfigError> {
+        let key = format!("rlimits.{}", cut(name, MAX_SHOWN));
         let (resource, name) = rlimit_resource(name).ok_or_else(|| {
             self.err(
                 v.span(),
                 &key,
                 format!(
-                    "unknown resource {name:?}; known: {}",
+                    "unknown resource {}; known: {}",
+                    shown(name),
                     RLIMIT_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
                 ),
             )
@@ -684,9 +983,11 @@ impl Validator<'_> {
             match lv {
                 LimitValue::Int(i) => u64::try_from(*i).map_err(|_| self.err(v.span(), &key, "must not be negative")),
                 LimitValue::Text(s) if s == "infinity" || s == "unlimited" => Ok(nix::libc::RLIM_INFINITY),
-                LimitValue::Text(s) => {
-                    Err(self.err(v.span(), &key, format!("expected a number or \"infinity\", got {s:?}")))
-                }
+                LimitValue::Text(s) => Err(self.err(
+                    v.span(),
+                    &key,
+                    format!("expected a number or \"infinity\", got {}", shown(s)),
+                )),
             }
         };
         let (soft, hard) = match v.get_ref() {
@@ -695,6 +996,9 @@ impl Validator<'_> {
         };
         if soft > hard {
             return Err(self.err(v.span(), &key, format!("soft limit {soft} is above hard limit {hard}")));
+        }
+        if self.checks >= Checks::Reload {
+            check_rlimit(resource, hard, worker).map_err(|msg| self.err(v.span(), &key, msg))?;
         }
         Ok(Rlimit {
             resource,
@@ -725,8 +1029,8 @@ impl Validator<'_> {
                     t.span(),
                     "listen.tcp",
                     format!(
-                        "{:?} is not an address such as \"0.0.0.0:8080\" or \"[::1]:8080\"",
-                        t.get_ref()
+                        "{} is not an address such as \"0.0.0.0:8080\" or \"[::1]:8080\"",
+                        shown(t.get_ref())
                     ),
                 )
             })?),
@@ -754,7 +1058,7 @@ impl Validator<'_> {
                 return Err(self.err(
                     span,
                     "listen",
-                    format!("listener {name:?} needs tcp = \"ADDR:PORT\" or unix = \"PATH\""),
+                    format!("listener {} needs tcp = \"ADDR:PORT\" or unix = \"PATH\"", shown(name)),
                 ))
             }
         };
@@ -813,8 +1117,12 @@ fn lookup_user(name: &str) -> Result<User, String> {
     };
     match found {
         Ok(Some(u)) => Ok(u),
-        Ok(None) => Err(format!("no such user {name:?}")),
-        Err(e) => Err(format!("looking up user {name:?}: {}", crate::errno::describe(e))),
+        Ok(None) => Err(format!("no such user {}", shown(name))),
+        Err(e) => Err(format!(
+            "looking up user {}: {}",
+            shown(name),
+            crate::errno::describe(e)
+        )),
     }
 }
 
@@ -825,9 +1133,101 @@ fn lookup_group(name: &str) -> Result<Gid, String> {
     };
     match found {
         Ok(Some(g)) => Ok(g.gid),
-        Ok(None) => Err(format!("no such group {name:?}")),
-        Err(e) => Err(format!("looking up group {name:?}: {}", crate::errno::describe(e))),
+        Ok(None) => Err(format!("no such group {}", shown(name))),
+        Err(e) => Err(format!(
+            "looking up group {}: {}",
+            shown(name),
+            crate::errno::describe(e)
+        )),
     }
+}
+
+/// The log file can be opened: not a directory, in a directory that exists.
+fn check_log_path(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!("{} is a directory; name a file in it", path.display()));
+    }
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => Ok(()),
+            Ok(_) => Err(format!("{} is not a directory", dir.display())),
+            Err(e) => Err(format!(
+                "directory {}: {}",
+                dir.display(),
+                crate::errno::describe_io(&e)
+            )),
+        },
+        None => Ok(()),
+    }
+}
+
+fn check_cwd(dir: &Path) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("{} is not a directory", dir.display())),
+        Err(e) => Err(format!("{}: {}", dir.display(), crate::errno::describe_io(&e))),
+    }
+}
+
+/// The worker's program as the spawn path will find it (the worker's own PATH if its env sets
+/// one, else the master's) is an executable file. `dir` anchors a relative path with a '/'.
+fn check_program(program: &str, env: &[(String, String)], dir: Option<&Path>) -> Result<(), String> {
+    let path_var: Option<OsString> = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| OsString::from(v))
+        .or_else(|| std::env::var_os("PATH"));
+    let Some(found) = find_program(program, path_var.as_deref()) else {
+        return Err(format!(
+            "{} not found in PATH ({})",
+            shown(program),
+            cut(&path_var.unwrap_or_default().to_string_lossy(), MAX_SHOWN * 4)
+        ));
+    };
+    let full = match dir {
+        Some(d) if found.is_relative() => d.join(&found),
+        _ => found,
+    };
+    let m = std::fs::metadata(&full).map_err(|e| format!("{}: {}", full.display(), crate::errno::describe_io(&e)))?;
+    if !m.is_file() {
+        return Err(format!("{} is not a regular file", full.display()));
+    }
+    let mode = m.permissions().mode() & 0o7777;
+    if mode & 0o111 == 0 || nix::unistd::access(&full, nix::unistd::AccessFlags::X_OK).is_err() {
+        return Err(format!("{} is not executable (mode {mode:04o})", full.display()));
+    }
+    Ok(())
+}
+
+/// The worker can be given this hard limit. It sets its limits after dropping privileges, so
+/// only a worker that runs as root under a root master can raise one above the master's own;
+/// and no process gets more open files than the kernel's fs.nr_open. Judged against the limits
+/// of the process doing the check (`zdd check` inherits them from the same place `start` does).
+fn check_rlimit(resource: Resource, hard: u64, worker: &WorkerConfig) -> Result<(), String> {
+    if resource == Resource::RLIMIT_NOFILE {
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        if let Some(max) = nr_open.filter(|max| hard > *max) {
+            return Err(format!(
+                "{} is above the kernel's maximum of open files per process (fs.nr_open = {max})",
+                limit_text(hard)
+            ));
+        }
+    }
+    let Ok((_, own_hard)) = nix::sys::resource::getrlimit(resource) else {
+        return Ok(());
+    };
+    let worker_uid = worker.credentials.as_ref().map_or_else(Uid::effective, |c| c.uid);
+    if hard > own_hard && !(Uid::effective().is_root() && worker_uid.is_root()) {
+        return Err(format!(
+            "hard limit {} is above zdd's own hard limit {}, and only a worker running as root \
+             could raise it (workers set their limits after dropping privileges)",
+            limit_text(hard),
+            limit_text(own_hard)
+        ));
+    }
+    Ok(())
 }
 
 const RLIMIT_NAMES: &[(&str, Resource)] = &[
@@ -1063,6 +1463,113 @@ unix = "@zdd-test"
     fn syntax_error_has_position() {
         let e = err("[worker\ncommand = 1\n");
         assert!(e.starts_with("/etc/zdd/app.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn durations_are_bounded() {
+        let e = err("[worker]\ncommand = [\"/bin/true\"]\nstart_timeout = \"500000000000y\"\n");
+        assert!(
+            e.starts_with(
+                "/etc/zdd/app.toml:3:17: worker.start_timeout: \"500000000000y\" is longer than the maximum of 24h"
+            ),
+            "{e}"
+        );
+        let e = err("[worker]\ncommand = [\"/bin/true\"]\nstart_timeout = \"0s\"\n");
+        assert!(e.contains("worker.start_timeout: must be longer than 0s"), "{e}");
+        let c = p("[worker]\ncommand = [\"/bin/true\"]\nstart_timeout = \"24h\"\nstop_timeout = \"0s\"\n").unwrap();
+        assert_eq!(c.worker.start_timeout, MAX_DURATION);
+        assert_eq!(c.worker.stop_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn argv_is_bounded_and_never_echoed() {
+        let big = "x".repeat(MAX_ARG_LEN + 1);
+        let e = err(&format!("[worker]\ncommand = [\"/bin/true\", \"{big}\"]\n"));
+        assert!(e.contains("argument 1 is 131072 bytes long"), "{e}");
+        assert!(e.len() < 300, "{e}");
+        let e = err(&format!(
+            "[worker]\ncommand = [\"/bin/true\"]\nenv = {{ A = \"{big}\" }}\n"
+        ));
+        assert!(e.contains("worker.env: \"A\" is 131074 bytes long"), "{e}");
+        let e = err(&format!("[worker]\ncommand = [\"/bin/true\"]\nready = \"{big}\"\n"));
+        assert!(
+            e.contains("got \"xxxxx") && e.contains("… (131072 bytes)") && e.len() < 300,
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn error_messages_are_cut() {
+        assert_eq!(shown("abc"), "\"abc\"");
+        let long = "é".repeat(100);
+        let s = shown(&long);
+        assert!(s.ends_with("… (200 bytes)") && s.len() < 100, "{s}");
+        assert_eq!(cut("short", 10), "short");
+        assert!(cut(&long, 5).starts_with("éé…"));
+    }
+
+    #[test]
+    fn wildcards_overlap_the_addresses_they_cover() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(tcp_overlap(&a("0.0.0.0:80"), &a("127.0.0.1:80")));
+        assert!(tcp_overlap(&a("127.0.0.1:80"), &a("0.0.0.0:80")));
+        assert!(tcp_overlap(&a("[::]:80"), &a("0.0.0.0:80")));
+        assert!(tcp_overlap(&a("[::1]:80"), &a("[::]:80")));
+        assert!(tcp_overlap(&a("[::]:80"), &a("10.0.0.1:80")));
+        assert!(!tcp_overlap(&a("0.0.0.0:80"), &a("[::1]:80")));
+        assert!(!tcp_overlap(&a("0.0.0.0:80"), &a("127.0.0.1:81")));
+        assert!(!tcp_overlap(&a("127.0.0.1:80"), &a("127.0.0.2:80")));
+        assert!(!tcp_overlap(&a("0.0.0.0:0"), &a("127.0.0.1:0")));
+        let e = err(&format!("{MIN}[[listen]]\nname = \"all\"\ntcp = \"0.0.0.0:8080\"\n"));
+        assert!(
+            e.contains("6:1: listen: address 0.0.0.0:8080 overlaps 127.0.0.1:8080 of listener \"http\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn text_checks_leave_the_host_alone_and_host_checks_do_not() {
+        let text = "[worker]\ncommand = [\"/nonexistent/zdd-server\"]\ncwd = \"/nonexistent\"\n";
+        assert!(p(text).is_ok());
+        let e = parse_with(Path::new("/etc/zdd/app.toml"), text, Checks::Reload)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("worker.cwd: /nonexistent: no such file or directory (ENOENT)"),
+            "{e}"
+        );
+        let text = "[worker]\ncommand = [\"/nonexistent/zdd-server\"]\n";
+        let e = parse_with(Path::new("/etc/zdd/app.toml"), text, Checks::Reload)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("2:11: worker.command: /nonexistent/zdd-server: no such file or directory (ENOENT)"),
+            "{e}"
+        );
+        // A reload does not judge the [master] settings it does not apply.
+        let text = "[master]\nlog = \"/nonexistent/dir/zdd.log\"\n[worker]\ncommand = [\"/bin/true\"]\n";
+        assert!(parse_with(Path::new("/etc/zdd/app.toml"), text, Checks::Reload).is_ok());
+        let e = parse_with(Path::new("/etc/zdd/app.toml"), text, Checks::Start)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("master.log: directory /nonexistent/dir: no such file"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn runtime_dir_must_be_ours_and_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_runtime_dir(dir.path()).is_ok());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_runtime_dir(dir.path()).unwrap_err();
+        assert!(e.contains("is writable by others") && e.contains("mode 0777"), "{e}");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_runtime_dir(dir.path()).is_ok());
+        let file = dir.path().join("f");
+        std::fs::write(&file, "").unwrap();
+        assert!(check_runtime_dir(&file).unwrap_err().contains("is not a directory"));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -105,16 +105,34 @@ pub enum ControlError {
     },
     #[error("control socket {0} exists and is not a socket; refusing to remove it")]
     NotASocket(String),
+    #[error("already running? control socket {0} is in use by a live process; refusing to replace it")]
+    InUse(String),
 }
 
 /// The listening control socket.
 pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
+    /// The socket file's (dev, ino) as bound: removed at drop only while it is still that file.
+    file: Option<(u64, u64)>,
+}
+
+/// The identity of the file at `path` now, without following a symbolic link.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Remove `path` only if it is still the file `id` names: never a file somebody else put there.
+pub fn remove_if_same(path: &Path, id: Option<(u64, u64)>) {
+    if id.is_some() && file_id(path) == id {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 impl ControlServer {
-    /// Bind at `path`. The pid-file lock is held, so a socket file there is a dead master's.
+    /// Bind at `path`. A socket file there is replaced only if nobody listens on it (a dead
+    /// master's); the pid-file lock alone proves nothing, since the pid file may have been
+    /// removed under a running master. Anything else there is refused.
     pub fn bind(path: &Path) -> Result<ControlServer, ControlError> {
         let io = |op: &'static str| {
             move |e: std::io::Error| ControlError::Io {
@@ -124,7 +142,12 @@ impl ControlServer {
             }
         };
         match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io("unlink stale socket"))?,
+            Ok(m) if m.file_type().is_socket() => {
+                if crate::listen::socket_is_live(path) {
+                    return Err(ControlError::InUse(path.display().to_string()));
+                }
+                std::fs::remove_file(path).map_err(io("unlink stale socket"))?
+            }
             Ok(_) => return Err(ControlError::NotASocket(path.display().to_string())),
             Err(_) => {}
         }
@@ -135,11 +158,13 @@ impl ControlServer {
         // SAFETY: as above.
         unsafe { nix::libc::umask(old) };
         let listener = bound.map_err(io("bind"))?;
-        listener.set_nonblocking(true).map_err(io("set non-blocking"))?;
-        Ok(ControlServer {
+        let server = ControlServer {
             listener,
             path: path.to_path_buf(),
-        })
+            file: file_id(path),
+        };
+        server.listener.set_nonblocking(true).map_err(io("set non-blocking"))?;
+        Ok(server)
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -151,13 +176,15 @@ impl ControlServer {
         &self.path
     }
 
-    /// Take over the socket handed across an upgrade.
+    /// Take over the socket handed across an upgrade. The file at `path` is taken to be the
+    /// one the previous image bound: the master held it across the exec.
     pub fn from_fd(fd: std::os::fd::OwnedFd, path: &Path) -> ControlServer {
         let listener = UnixListener::from(fd);
         let _ = listener.set_nonblocking(true);
         ControlServer {
             listener,
             path: path.to_path_buf(),
+            file: file_id(path).filter(|_| path_is_socket(path)),
         }
     }
 
@@ -199,8 +226,12 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        remove_if_same(&self.path, self.file);
     }
+}
+
+fn path_is_socket(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
 /// What reading from a connection produced.

@@ -33,20 +33,25 @@ pub struct PidFile {
     ino: u64,
 }
 
-/// Create the directory that holds a runtime file (pid file, sockets) if it is missing.
+/// Create the directory that holds a runtime file (pid file, sockets) if it is missing, and
+/// make sure it is one we can trust (`config::check_runtime_dir`): owned by root or us, writable
+/// by nobody else. It is checked after creating it too, since in a shared place (`/tmp`)
+/// somebody else may have made it first. A new directory is 0700, or 0755 for a root master,
+/// whose workers may run as another user and must reach the notify socket in it.
 pub fn ensure_parent(path: &Path) -> std::io::Result<()> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => {
-            use std::os::unix::fs::DirBuilderExt;
-            let mode = if nix::unistd::Uid::effective().is_root() {
-                0o755
-            } else {
-                0o700
-            };
-            std::fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
-        }
-        _ => Ok(()),
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if !dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        let mode = if nix::unistd::Uid::effective().is_root() {
+            0o755
+        } else {
+            0o700
+        };
+        std::fs::DirBuilder::new().recursive(true).mode(mode).create(dir)?;
     }
+    crate::config::check_runtime_dir(dir).map_err(std::io::Error::other)
 }
 
 impl PidFile {
@@ -59,16 +64,36 @@ impl PidFile {
                 msg: describe_io(&e),
             }
         };
-        ensure_parent(path).map_err(io("create directory"))?;
+        ensure_parent(path).map_err(io("runtime directory"))?;
+        // Never through a symbolic link: whoever planted one would have us overwrite its target.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
-            .custom_flags(nix::libc::O_CLOEXEC)
+            .custom_flags(nix::libc::O_CLOEXEC | nix::libc::O_NOFOLLOW)
             .open(path)
-            .map_err(io("open"))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(nix::libc::ELOOP) => PidFileError::Io {
+                    path: path.display().to_string(),
+                    op: "open",
+                    msg: "it is a symbolic link; refusing to follow it (ELOOP)".into(),
+                },
+                _ => io("open")(e),
+            })?;
+        // Only a regular file with no other name: a hard link to somebody's file is not ours.
+        let meta = file.metadata().map_err(io("stat"))?;
+        if !meta.file_type().is_file() || meta.nlink() > 1 {
+            return Err(PidFileError::Io {
+                path: path.display().to_string(),
+                op: "open",
+                msg: format!(
+                    "not a regular file of its own ({} link(s)); refusing to write to it",
+                    meta.nlink()
+                ),
+            });
+        }
         // SAFETY: flock on an fd we own; no memory is involved.
         if unsafe { nix::libc::flock(file.as_raw_fd(), nix::libc::LOCK_EX | nix::libc::LOCK_NB) } != 0 {
             let errno = Errno::last();

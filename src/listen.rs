@@ -271,7 +271,10 @@ fn clear_stale(name: &str, path: &Path) -> Result<(), ListenError> {
     })
 }
 
-/// Whether some process accepts connections on the unix socket file at `path`.
+/// Whether some process holds the unix socket file at `path`: a stream connect succeeds (or
+/// finds the backlog full), or is refused for the socket's type (EPROTOTYPE: a datagram socket
+/// somebody has bound). Only ECONNREFUSED (nobody bound it) and ENOENT mean it is free; any
+/// other answer (EACCES, …) counts as live, so that nothing is removed on a guess.
 pub fn socket_is_live(path: &Path) -> bool {
     let Ok(fd) = socket::socket(
         AddressFamily::Unix,
@@ -289,7 +292,11 @@ pub fn socket_is_live(path: &Path) -> bool {
 /// Sockets passed to the master itself by systemd (socket activation): the fds 3.. with their
 /// names, if LISTEN_PID is this process. The variables are removed from the master's
 /// environment once read, and the fds made close-on-exec like every other fd of the master.
-pub fn take_systemd_sockets() -> Vec<(Option<String>, OwnedFd)> {
+///
+/// Only listening stream sockets can be handed to workers as listeners: any other fd (a file,
+/// a datagram socket, a socket that does not listen) is closed and reported in the second list,
+/// one warning each; an fd number that is not open is skipped.
+pub fn take_systemd_sockets() -> (Vec<(Option<String>, OwnedFd)>, Vec<String>) {
     let pid_ok = std::env::var("LISTEN_PID")
         .ok()
         .and_then(|p| p.parse::<u32>().ok())
@@ -304,24 +311,49 @@ pub fn take_systemd_sockets() -> Vec<(Option<String>, OwnedFd)> {
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
     }
+    let mut adopted = Vec::new();
+    let mut refused = Vec::new();
     if !pid_ok || n <= 0 {
-        return Vec::new();
+        return (adopted, refused);
     }
-    (0..n)
-        .map(|i| {
-            let fd = 3 + i;
-            // SAFETY: systemd passed fds 3..3+LISTEN_FDS to this process for it to own.
-            let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
-            (
-                names
-                    .get(i as usize)
-                    .cloned()
-                    .filter(|n| !n.is_empty() && n != "unknown"),
-                owned,
-            )
-        })
-        .collect()
+    // More than the fd table could hold is not a count systemd would pass.
+    let n = n.min(65536);
+    for i in 0..n {
+        let fd = 3 + i;
+        let name = names
+            .get(i as usize)
+            .cloned()
+            .filter(|n| !n.is_empty() && n != "unknown");
+        let label = format!("fd {fd} ({})", name.as_deref().unwrap_or("no name"));
+        // Never take ownership of an fd number that is not open: closing it later could close
+        // somebody else's fd.
+        if let Err(e) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)) {
+            refused.push(format!("LISTEN_FDS: {label}: fcntl F_SETFD: {}; skipped", describe(e)));
+            continue;
+        }
+        // SAFETY: systemd passed fds 3..3+LISTEN_FDS to this process for it to own, and this
+        // one is open.
+        let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        match check_listening(&owned) {
+            Ok(()) => adopted.push((name, owned)),
+            Err(why) => refused.push(format!("LISTEN_FDS: {label} {why}; closed")),
+        }
+    }
+    (adopted, refused)
+}
+
+/// A listening stream socket, or why not.
+fn check_listening(fd: &OwnedFd) -> Result<(), String> {
+    match socket::getsockopt(fd, sockopt::SockType) {
+        Ok(SockType::Stream) => {}
+        Ok(other) => return Err(format!("is a {other:?} socket, not a stream socket")),
+        Err(e) => return Err(format!("is not a socket: getsockopt SO_TYPE: {}", describe(e))),
+    }
+    match socket::getsockopt(fd, sockopt::AcceptConn) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("is a stream socket that does not listen".into()),
+        Err(e) => Err(format!("getsockopt SO_ACCEPTCONN: {}", describe(e))),
+    }
 }
 
 /// The address a socket is bound to, in config terms.

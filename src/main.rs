@@ -126,7 +126,9 @@ fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Start { foreground: true } => Ok(master::run_foreground(&cli.config)? as u8),
         Command::Start { foreground: false } => Ok(daemon::start_daemon(&cli.config)?),
         Command::Reload { if_generation, timeout } => {
-            let c = load(&cli)?;
+            // What the master will check itself: the worker's settings, not the [master] ones,
+            // which a reload does not apply.
+            let c = config::load_with(&cli.config, config::Checks::Reload).map_err(|e| fail(2, e))?;
             let req = Request::Reload {
                 if_generation: *if_generation,
             };

@@ -243,7 +243,10 @@ impl Master {
         let control = ControlServer::bind(&m.control_socket)?;
         // Sockets systemd passed to us are adopted for the [[listen]] entries they match, by
         // name first, else by address; the rest are bound here.
-        let mut inherited: Vec<(Option<String>, OwnedFd)> = crate::listen::take_systemd_sockets();
+        let (mut inherited, refused): (Vec<(Option<String>, OwnedFd)>, _) = crate::listen::take_systemd_sockets();
+        for why in refused {
+            warn!(log, "a socket passed by systemd cannot be a listener: {}", why);
+        }
         let mut listeners = Vec::with_capacity(config.listen.len());
         for lc in &config.listen {
             let found = inherited
@@ -1021,7 +1024,7 @@ impl Master {
             m.tell_systemd(format!("READY=1\nSTATUS={msg}; {}", m.serving_status()));
             m.finish_reload(Err((msg, json!({ "generation": m.generation }))));
         };
-        let config = match config::load(&self.config.path) {
+        let config = match config::load_with(&self.config.path, config::Checks::Reload) {
             Ok(c) => Rc::new(c),
             Err(e) => return fail(self, format!("reload failed: invalid config; nothing changed: {e}")),
         };

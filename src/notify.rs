@@ -30,6 +30,8 @@ pub enum NotifyError {
     },
     #[error("notify socket {0} exists and is not a socket; refusing to remove it")]
     NotASocket(String),
+    #[error("already running? notify socket {0} is in use by a live process; refusing to replace it")]
+    InUse(String),
 }
 
 /// One datagram: its sender and its `KEY=VALUE` assignments.
@@ -66,11 +68,14 @@ pub const RECEIVE_BATCH: usize = 64;
 pub struct NotifyServer {
     fd: OwnedFd,
     path: PathBuf,
+    /// The socket file's (dev, ino) as bound: removed at drop only while it is still that file.
+    file: Option<(u64, u64)>,
 }
 
 impl NotifyServer {
-    /// Bind the socket at `path`. The pid-file lock is held, so a socket file there belongs to
-    /// a previous master of this config and is replaced; anything else is refused.
+    /// Bind the socket at `path`. A socket file there is replaced only if no process has it
+    /// bound (a dead master's: a datagram socket somebody holds answers a connect with
+    /// EPROTOTYPE, a dead one with ECONNREFUSED); anything else is refused.
     pub fn bind(path: &Path, owner: Option<nix::unistd::Uid>) -> Result<NotifyServer, NotifyError> {
         let sys = |op: &'static str| {
             move |errno: Errno| NotifyError::Sys {
@@ -81,6 +86,9 @@ impl NotifyServer {
         };
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
+                if crate::listen::socket_is_live(path) {
+                    return Err(NotifyError::InUse(path.display().to_string()));
+                }
                 std::fs::remove_file(path).map_err(|e| sys("unlink")(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?
             }
             Ok(_) => return Err(NotifyError::NotASocket(path.display().to_string())),
@@ -101,6 +109,7 @@ impl NotifyServer {
         let server = NotifyServer {
             fd,
             path: path.to_path_buf(),
+            file: crate::control::file_id(path),
         };
         // Workers may run as another user; only they (and root) may write to it.
         nix::sys::stat::fchmodat(
@@ -114,11 +123,17 @@ impl NotifyServer {
         Ok(server)
     }
 
-    /// Take over the socket handed across an upgrade.
+    /// Take over the socket handed across an upgrade. The file at `path` is taken to be the
+    /// one the previous image bound: the master held it across the exec.
     pub fn from_fd(fd: OwnedFd, path: &Path) -> NotifyServer {
+        let file = std::fs::symlink_metadata(path)
+            .ok()
+            .filter(|m| m.file_type().is_socket())
+            .and(crate::control::file_id(path));
         NotifyServer {
             fd,
             path: path.to_path_buf(),
+            file,
         }
     }
 
@@ -195,7 +210,7 @@ impl NotifyServer {
 
 impl Drop for NotifyServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        crate::control::remove_if_same(&self.path, self.file);
     }
 }
 

@@ -102,18 +102,9 @@ fn inherited_is_removed(key: &OsStr) -> bool {
 }
 
 /// Resolve the program like execvp would, but in the master, before fork.
+/// The same lookup as config validation's, so that `check` finds what `start` runs.
 fn resolve_program(program: &str, path_var: Option<&OsStr>) -> Result<PathBuf, SpawnError> {
-    if program.contains('/') {
-        return Ok(PathBuf::from(program));
-    }
-    let path_var = path_var.unwrap_or(OsStr::new("/usr/local/bin:/usr/bin:/bin"));
-    for dir in std::env::split_paths(path_var) {
-        let candidate = dir.join(program);
-        if nix::unistd::access(&candidate, nix::unistd::AccessFlags::X_OK).is_ok() && candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    Err(SpawnError::NotFound(program.to_string()))
+    crate::config::find_program(program, path_var).ok_or_else(|| SpawnError::NotFound(program.to_string()))
 }
 
 fn cstring(b: &[u8]) -> CString {

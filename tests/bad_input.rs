@@ -35,17 +35,41 @@ fn assert_nothing_left(z: &Zdd, o: &Output) {
 }
 
 #[test]
-fn nonexistent_command_is_an_exec_error() {
+fn nonexistent_command_is_a_config_error() {
     let port = free_port();
     let z = Zdd::new(&format!(
         "[worker]\ncommand = [\"/nonexistent/server\", \"--flag\"]\n{}",
         listen(port)
     ));
     let o = start_output(&z);
+    assert_eq!(o.status.code(), Some(2));
+    let e = stderr(&o);
+    assert!(
+        e.contains("app.toml:6:11: worker.command: /nonexistent/server: no such file or directory (ENOENT)"),
+        "{e}"
+    );
+    assert_nothing_left(&z, &o);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[test]
+fn a_program_exec_refuses_is_an_exec_error() {
+    // Executable, so validation lets it through; exec itself fails, and says so precisely.
+    let port = free_port();
+    let z = Zdd::new(&format!(
+        "[worker]\ncommand = [\"{{dir}}/server\", \"--flag\"]\n{}",
+        listen(port)
+    ));
+    std::fs::write(z.path("server"), [0x7fu8, b'E', b'L', b'F', 0, 0, 0, 0]).unwrap();
+    std::fs::set_permissions(z.path("server"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let o = start_output(&z);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
     assert!(
-        e.contains("exec /nonexistent/server: no such file or directory (ENOENT)"),
+        e.contains(&format!(
+            "exec {}/server: exec format error (ENOEXEC)",
+            z.dir.path().display()
+        )),
         "{e}"
     );
     assert!(e.contains("start failed"), "{e}");
@@ -57,9 +81,9 @@ fn nonexistent_command_is_an_exec_error() {
 fn command_not_in_path() {
     let z = Zdd::new("[worker]\ncommand = [\"no-such-server-zdd\"]\n");
     let o = start_output(&z);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("worker command \\\"no-such-server-zdd\\\": not found in PATH"),
+        stderr(&o).contains("worker.command: \"no-such-server-zdd\" not found in PATH"),
         "{}",
         stderr(&o)
     );

@@ -169,7 +169,8 @@ fn start_says_when_cgroups_are_unavailable_and_falls_back_to_the_process_group()
     std::fs::set_permissions(z.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(z.reports(), std::fs::Permissions::from_mode(0o777)).unwrap();
     std::fs::create_dir_all(z.path("run")).unwrap();
-    std::fs::set_permissions(z.path("run"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The runtime directory must be the master's own (nobody's), writable by no one else.
+    std::os::unix::fs::chown(z.path("run"), Some(65534), Some(65534)).unwrap();
     std::fs::set_permissions(&z.config, std::fs::Permissions::from_mode(0o644)).unwrap();
     let log = std::fs::File::create(&z.log).unwrap();
     let child = z

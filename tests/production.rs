@@ -67,7 +67,8 @@ fn privilege_drop_needs_a_root_master() {
     let z = Zdd::new("[worker]\ncommand = [\"{fixture}\", \"--ready\"]\nuser = \"daemon\"\n");
     open_up(&z);
     std::fs::create_dir_all(z.path("run")).unwrap();
-    std::fs::set_permissions(z.path("run"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // The runtime directory must be the master's own (nobody's), writable by no one else.
+    std::os::unix::fs::chown(z.path("run"), Some(65534), Some(65534)).unwrap();
     std::fs::set_permissions(&z.config, std::fs::Permissions::from_mode(0o644)).unwrap();
     use std::os::unix::process::CommandExt;
     let o = z
@@ -109,10 +110,13 @@ fn rlimits_and_umask_apply_to_workers() {
 fn impossible_rlimit_is_a_clear_start_error() {
     let z = Zdd::new("[worker]\ncommand = [\"{fixture}\", \"--ready\"]\n[rlimits]\nnofile = 1099511627776\n");
     let o = z.command(&["start", "--foreground"]).output().unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    // Found by validation, like `zdd check` finds it, with the position.
+    assert_eq!(o.status.code(), Some(2));
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
-        e.contains("setrlimit nofile (soft 1099511627776, hard 1099511627776): operation not permitted (EPERM)"),
+        e.contains(
+            "app.toml:8:10: rlimits.nofile: 1099511627776 is above the kernel's maximum of open files per process"
+        ),
         "{e}"
     );
     z.assert_clean();

@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         }) => {
             assert_eq!(file, PATH);
             assert!(!msg.trim().is_empty(), "error without a message at {line}:{col}");
+            assert!(msg.len() <= 1100, "an error message of {} bytes echoes its input", msg.len());
             let lines = text.split('\n').count();
             assert!(
                 line >= 1 && line <= lines,
@@ -55,6 +56,9 @@ fuzz_target!(|data: &[u8]| {
             if let Ready::Delay(d) = w.ready {
                 assert!(d < w.start_timeout);
             }
+            assert!(!w.start_timeout.is_zero() && w.start_timeout <= config::MAX_DURATION);
+            assert!(w.stop_timeout <= config::MAX_DURATION);
+            assert!(w.command.iter().all(|a| a.len() <= config::MAX_ARG_LEN));
             assert!(c.master.max_draining >= 1);
             assert!(c.master.control_socket.as_os_str().len() <= 107);
             assert!(c.master.notify_socket.as_os_str().len() <= 107);
