@@ -46,6 +46,8 @@ use crate::worker::{Effect, Event, ExitStatus, State, Worker};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// Log pipes of exited workers kept open for their descendants, at most.
+const MAX_ORPHAN_PIPES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -311,13 +313,27 @@ impl Master {
             pipe.pump(true, |line| {
                 lines.push(line, &tag);
             });
+            // A descendant still holds the pipe: its last, unfinished line is logged too.
+            pipe.finish(|line| {
+                lines.push(line, &tag);
+            });
         }
         self.lines.flush();
         info!(self.log, "stopped"; "exit_code" => self.exit_code);
         self.report_start(Err("the master stopped during start-up".into()));
+        // What the log has not taken yet, within a deadline; the rest is counted as lost.
+        self.sink.flush();
+        let lost = self.sink.dropped_lines();
         let pid = std::process::id();
+        let message = match lost {
+            0 => format!("master pid {pid} stopped"),
+            n => format!("master pid {pid} stopped; {n} log line(s) could not be written"),
+        };
         for c in self.conns.iter_mut().filter(|c| c.waiting == Some(Waiting::Stop)) {
-            c.send_final(&Reply::ok(format!("master pid {pid} stopped"), json!({ "pid": pid })));
+            c.send_final(&Reply::ok(
+                message.clone(),
+                json!({ "pid": pid, "log_lines_lost": lost }),
+            ));
         }
         self.exit_code
     }
@@ -325,6 +341,8 @@ impl Master {
     /// Daemon mode: after the fork, record the new pid and where to report the start-up.
     pub fn daemonized(&mut self, report: std::fs::File) -> Result<(), StartError> {
         self.pid_file.rewrite().map_err(|e| StartError::Other(e.to_string()))?;
+        // Daemonizing replaced stderr: a log to stderr follows it.
+        self.sink.reattach_stderr();
         self.start_report = Some(report);
         Ok(())
     }
@@ -420,13 +438,24 @@ impl Master {
                 revents: 0,
             });
         }
-        for w in &self.workers {
-            for p in w.pipes.iter().filter(|p| !p.is_eof()) {
+        // While the log sink is full, the workers' pipes are not read: they fill, and the
+        // workers block writing (back-pressure); the sink is polled until it takes more.
+        if !self.sink.is_full() {
+            for w in &self.workers {
+                for p in w.pipes.iter().filter(|p| !p.is_eof()) {
+                    add(&mut fds, p.raw_fd());
+                }
+            }
+            for (_, _, p) in &self.orphan_pipes {
                 add(&mut fds, p.raw_fd());
             }
         }
-        for (_, _, p) in &self.orphan_pipes {
-            add(&mut fds, p.raw_fd());
+        if let Some(fd) = self.sink.poll_fd() {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            });
         }
         let timeout = self.next_deadline().map_or(-1, |d| {
             let left = d.saturating_duration_since(Instant::now());
@@ -528,15 +557,22 @@ impl Master {
     }
 
     fn drain_worker(&mut self, i: usize, drain: bool) {
+        // Past the log's hard cap even an exited worker's last lines wait: its pipes are kept
+        // (as orphan pipes) and read once the log takes more.
+        if self.sink.is_over_cap() {
+            return;
+        }
         let w = &mut self.workers[i];
         let (pid, generation) = (w.pid.as_raw(), w.generation);
         let (lines, tail) = (&mut self.lines, &mut w.tail);
         lines.begin();
         for p in w.pipes.iter_mut() {
             let tag = lines.tag(pid, generation, p.stream.as_str());
-            p.pump(drain, |line| {
+            p.pump_while(drain, |line| {
                 let text = lines.push(line, &tag);
-                crate::worker::remember(tail, &text);
+                // The tail is shown in failure reports and replies: no raw control characters.
+                crate::worker::remember(tail, &crate::log::escape_str(&text));
+                lines.has_room()
             });
         }
         lines.flush();
@@ -568,7 +604,19 @@ impl Master {
     }
 
     fn pump_pipes(&mut self, ready: &[RawFd]) {
-        for i in 0..self.workers.len() {
+        // The sink step: write what the log did not take before (it polled writable, or a
+        // file's disk has room again), before reading more.
+        self.sink.write_pending();
+        self.limit_orphan_pipes();
+        // Stop reading once the log is full; each turn starts with another worker, so that a
+        // slow log starves none of them.
+        let n = self.workers.len();
+        let first = self.lines.next_turn(n);
+        for k in 0..n {
+            if self.sink.is_full() {
+                return;
+            }
+            let i = (first + k) % n;
             if self.workers[i]
                 .pipes
                 .iter()
@@ -578,17 +626,39 @@ impl Master {
             }
         }
         let lines = &mut self.lines;
+        let sink = &self.sink;
         lines.begin();
         self.orphan_pipes.retain_mut(|(pid, generation, p)| {
-            if ready.binary_search(&p.raw_fd()).is_ok() {
+            if ready.binary_search(&p.raw_fd()).is_ok() && !sink.is_full() {
                 let tag = lines.tag(pid.as_raw(), *generation, p.stream.as_str());
-                p.pump(false, |line| {
+                p.pump_while(false, |line| {
                     lines.push(line, &tag);
+                    lines.has_room()
                 });
             }
             !p.is_eof()
         });
         lines.flush();
+    }
+
+    /// At most [`MAX_ORPHAN_PIPES`] pipes of exited workers are kept open for their
+    /// descendants; beyond that the oldest is read one last time and closed.
+    fn limit_orphan_pipes(&mut self) {
+        while self.orphan_pipes.len() > MAX_ORPHAN_PIPES {
+            let (pid, generation, mut p) = self.orphan_pipes.remove(0);
+            let tag = self.lines.tag(pid.as_raw(), generation, p.stream.as_str());
+            let lines = &mut self.lines;
+            lines.begin();
+            p.pump(true, |line| {
+                lines.push(line, &tag);
+            });
+            p.finish(|line| {
+                lines.push(line, &tag);
+            });
+            lines.flush();
+            warn!(self.log, "too many log pipes held open by exited workers' descendants: closing the oldest";
+                "max" => MAX_ORPHAN_PIPES, "stream" => p.stream.as_str(), "generation" => generation, "pid" => pid.as_raw());
+        }
     }
 
     fn tick(&mut self, now: Instant) {
@@ -1187,6 +1257,7 @@ impl Master {
             "reloading": self.reload.as_ref().map(|r| r.generation),
             "workers": workers,
             "listeners": listeners,
+            "log": self.sink.status(),
         })
     }
 }
