@@ -28,6 +28,8 @@
 //!   and the workers block writing (back-pressure: no worker line is dropped for want of room),
 //!   while the master keeps serving signals, control requests and reaping. The master's own
 //!   records are kept up to [`HARD_CAP`]; beyond it they are counted as lost, never waited for.
+//!   (Between the two: the last lines of workers that exit meanwhile, read at once so that
+//!   their exit is judged with its last lines, and the overshoot of the read under way.)
 //! - **Write errors lose lines, counted, never torn.** A write that fails with anything but
 //!   EAGAIN (disk full, quota, EIO, the reader of the pipe gone) drops what is pending, counted
 //!   in `dropped_lines` (shown by `zdd status`); waiting instead would freeze every worker for
@@ -63,7 +65,7 @@ use crate::errno::describe;
 /// Pending bytes from which the master stops reading the workers' pipes.
 pub const PAUSE_AT: usize = 1024 * 1024;
 /// Pending bytes beyond which the master's own records are dropped (and counted).
-pub const HARD_CAP: usize = 2 * 1024 * 1024;
+pub const HARD_CAP: usize = 4 * 1024 * 1024;
 /// How long a stop or an upgrade waits for the log to take what is pending.
 pub const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
@@ -981,7 +983,7 @@ mod tests {
         assert!(text.starts_with("begun\nxxx"), "{}", &text[..20]);
         // The loss is reported in its place, before the next record.
         assert!(
-            text.ends_with("x\nLOST 1: the log did not take them (2097147 bytes were pending)\nworker line\n"),
+            text.ends_with("x\nLOST 1: the log did not take them (4194299 bytes were pending)\nworker line\n"),
             "{}",
             &text[text.len() - 100..]
         );
