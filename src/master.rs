@@ -184,9 +184,9 @@ pub struct Master {
     conns: Vec<Conn>,
 }
 
-/// Tail lines of a worker for a failure report.
+/// Tail lines of a worker for a failure report, control characters escaped.
 fn tail_of(w: &Worker) -> Vec<String> {
-    w.tail.iter().cloned().collect()
+    w.tail.iter().map(|l| crate::log::escape_str(l).into_owned()).collect()
 }
 
 impl Master {
@@ -570,8 +570,7 @@ impl Master {
             let tag = lines.tag(pid, generation, p.stream.as_str());
             p.pump_while(drain, |line| {
                 let text = lines.push(line, &tag);
-                // The tail is shown in failure reports and replies: no raw control characters.
-                crate::worker::remember(tail, &crate::log::escape_str(&text));
+                crate::worker::remember(tail, &text);
                 lines.has_room()
             });
         }
