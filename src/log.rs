@@ -454,9 +454,14 @@ fn notice_record(format: LogFormat, lines: u64, reason: &str) -> Vec<u8> {
             let _ = writeln!(out, " WARN {msg}, lost_lines: {lines}");
         }
         LogFormat::Json => {
+            // In slog-json's order: msg, level, ts, then the keys.
             let ts = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
-            let v = json!({ "msg": msg, "level": "WARN", "ts": ts, "lost_lines": lines });
-            let _ = writeln!(out, "{v}");
+            let _ = writeln!(
+                out,
+                "{{\"msg\":{},\"level\":\"WARN\",\"ts\":{},\"lost_lines\":{lines}}}",
+                Value::from(msg),
+                Value::from(ts)
+            );
         }
     }
     out
