@@ -199,6 +199,11 @@ fn a_log_on_a_full_disk_counts_the_lost_lines_and_says_so_once_it_can_write() {
         (s["log"]["dropped_lines"].as_u64()? >= 20).then_some(s)
     });
     assert_eq!(s["log"]["error"], "no space left on device (ENOSPC)", "{s}");
+    let human = stdout(&zdd(&z, &["status"]));
+    assert!(
+        human.contains(" lines lost; writing fails: no space left on device (ENOSPC)"),
+        "{human}"
+    );
     // Space again: the log is reopened on a real file.
     std::fs::remove_file(&log).unwrap();
     let o = zdd(&z, &["reopen-logs"]);
