@@ -169,7 +169,7 @@ fn write_some(write: &mut impl FnMut(&[u8]) -> Result<usize, Errno>, data: &[u8]
     while done < data.len() {
         match write(&data[done..]) {
             Ok(0) => return (done, Outcome::Failed(Errno::EIO)),
-            Ok(n) => done += n,
+            Ok(n) => done += n.min(data.len() - done),
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => return (done, Outcome::Blocked),
             Err(e) => return (done, Outcome::Failed(e)),
@@ -595,7 +595,8 @@ impl Sink {
     /// Write everything pending, waiting at most [`FLUSH_DEADLINE`] (at stop, before an
     /// upgrade's exec). What is left is counted as lost; returns how many lines that was.
     pub fn flush(&self) -> u64 {
-        let end = Instant::now() + FLUSH_DEADLINE;
+        let now = Instant::now();
+        let end = now.checked_add(FLUSH_DEADLINE).unwrap_or(now);
         loop {
             let fd = {
                 let mut s = self.lock();
