@@ -257,13 +257,14 @@ fn a_disk_that_fills_up_tears_no_line_and_the_log_says_what_was_lost() {
         "[master]\nlog = \"{dir}/fs/app.log\"\nlog_format = \"json\"\ncontrol_socket = \"run/app.sock\"\n\n\
          [worker]\ncommand = [\"{fixture}\", \"--ready\", \"--tick\", \"2\"]\n",
     );
-    let Some(fs) = SmallFs::mount(z.path("fs"), "64k") else {
+    let Some(fs) = SmallFs::mount(z.path("fs"), "256k") else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root); the /dev/full test covers the counter");
         return;
     };
-    // Fill half of it, so that the log fills the rest soon.
+    // Fill most of it, so that the log fills the rest soon; once the ballast is gone, the log
+    // has seconds of room before it fills the disk again.
     let ballast = fs.0.join("ballast");
-    std::fs::write(&ballast, vec![0u8; 32 * 1024]).unwrap();
+    std::fs::write(&ballast, vec![0u8; 240 * 1024]).unwrap();
     z.start();
     wait_for("lines lost to the full disk", DEADLINE, || {
         let o = zdd(&z, &["status", "--json"]);
