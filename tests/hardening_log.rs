@@ -91,6 +91,34 @@ fn a_journal_socket_that_stops_draining_blocks_nothing_either() {
     blocked_sink(Stdio::from(std::os::fd::OwnedFd::from(theirs)), ours);
 }
 
+#[test]
+fn a_terminal_that_stops_scrolling_blocks_nothing_either() {
+    // stderr on a terminal nobody reads (a paused terminal, XOFF): zdd writes through its own
+    // non-blocking open of the terminal, never the description it shares with the shell.
+    let (mut ours, mut theirs) = (0, 0);
+    // SAFETY: openpty writes two fds through the pointers; the other arguments may be null.
+    let r = unsafe {
+        nix::libc::openpty(
+            &mut ours,
+            &mut theirs,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just opened by openpty and are owned by nothing else.
+    let (ours, theirs) = unsafe {
+        use std::os::fd::FromRawFd;
+        (
+            std::fs::File::from_raw_fd(ours),
+            std::os::fd::OwnedFd::from_raw_fd(theirs),
+        )
+    };
+    // What the terminal shows of a line ends in "\r\n": JSON takes the \r as white space.
+    blocked_sink(Stdio::from(theirs), ours);
+}
+
 fn blocked_sink(theirs: Stdio, stderr: impl Read + Send + 'static) {
     let mut z = Zdd::new(
         "[master]\nlog_format = \"json\"\ncontrol_socket = \"{dir}/ctl.sock\"\n\n\
