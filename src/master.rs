@@ -327,7 +327,8 @@ impl Master {
         let pid = std::process::id();
         let message = match lost {
             0 => format!("master pid {pid} stopped"),
-            n => format!("master pid {pid} stopped; {n} log line(s) could not be written"),
+            1 => format!("master pid {pid} stopped; 1 log line could not be written since it started"),
+            n => format!("master pid {pid} stopped; {n} log lines could not be written since it started"),
         };
         for c in self.conns.iter_mut().filter(|c| c.waiting == Some(Waiting::Stop)) {
             c.send_final(&Reply::ok(
