@@ -219,6 +219,26 @@ pub fn format_status(s: &Value) -> String {
         },
         s["config"].as_str().unwrap_or("?"),
     ));
+    // The log, only when there is something to say: lines lost, a write failing, bytes waiting.
+    let log = &s["log"];
+    let mut said = Vec::new();
+    if let Some(n) = log["dropped_lines"].as_u64().filter(|&n| n > 0) {
+        said.push(format!("{n} line{} lost", if n == 1 { "" } else { "s" }));
+    }
+    if let Some(e) = log["error"].as_str() {
+        said.push(format!("writing fails: {e}"));
+    }
+    if let Some(n) = log["pending_bytes"].as_u64().filter(|&n| n > 0) {
+        let paused = if log["relay_paused"] == true {
+            " (workers' output waits)"
+        } else {
+            ""
+        };
+        said.push(format!("{n} bytes waiting to be written{paused}"));
+    }
+    if !said.is_empty() {
+        out.push_str(&format!("log      {}\n", said.join("; ")));
+    }
     for l in s["listeners"].as_array().into_iter().flatten() {
         out.push_str(&format!(
             "listen   {:<12} {}\n",

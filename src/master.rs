@@ -47,6 +47,8 @@ use crate::worker::{Effect, Event, ExitStatus, State, Worker};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// Log pipes of exited workers kept open for their descendants, at most.
+const MAX_ORPHAN_PIPES: usize = 256;
 
 /// Control connections served at once; more wait in the socket's backlog. Each is answered or
 /// timed out within seconds (a request must arrive within `REQUEST_TIMEOUT`), and only root
@@ -199,9 +201,9 @@ pub struct Master {
     conns: Vec<Conn>,
 }
 
-/// Tail lines of a worker for a failure report.
+/// Tail lines of a worker for a failure report, control characters escaped.
 fn tail_of(w: &Worker) -> Vec<String> {
-    w.tail.iter().cloned().collect()
+    w.tail.iter().map(|l| crate::log::escape_str(l).into_owned()).collect()
 }
 
 impl Master {
@@ -350,14 +352,29 @@ impl Master {
             pipe.pump(true, |line| {
                 lines.push(line, &tag);
             });
+            // A descendant still holds the pipe: its last, unfinished line is logged too.
+            pipe.finish(|line| {
+                lines.push(line, &tag);
+            });
         }
         self.lines.flush();
         self.cgroups.shutdown();
         info!(self.log, "stopped"; "exit_code" => self.exit_code);
         self.report_start(Err("the master stopped during start-up".into()));
+        // What the log has not taken yet, within a deadline; the rest is counted as lost.
+        self.sink.flush();
+        let lost = self.sink.dropped_lines();
         let pid = std::process::id();
+        let message = match lost {
+            0 => format!("master pid {pid} stopped"),
+            1 => format!("master pid {pid} stopped; 1 log line could not be written since it started"),
+            n => format!("master pid {pid} stopped; {n} log lines could not be written since it started"),
+        };
         for c in self.conns.iter_mut().filter(|c| c.waiting == Some(Waiting::Stop)) {
-            c.send_final(&Reply::ok(format!("master pid {pid} stopped"), json!({ "pid": pid })));
+            c.send_final(&Reply::ok(
+                message.clone(),
+                json!({ "pid": pid, "log_lines_lost": lost }),
+            ));
         }
         self.exit_code
     }
@@ -365,6 +382,8 @@ impl Master {
     /// Daemon mode: after the fork, record the new pid and where to report the start-up.
     pub fn daemonized(&mut self, report: std::fs::File) -> Result<(), StartError> {
         self.pid_file.rewrite().map_err(|e| StartError::Other(e.to_string()))?;
+        // Daemonizing replaced stderr: a log to stderr follows it.
+        self.sink.reattach_stderr();
         self.start_report = Some(report);
         Ok(())
     }
@@ -488,13 +507,24 @@ impl Master {
                 revents: 0,
             });
         }
-        for w in &self.workers {
-            for p in w.pipes.iter().filter(|p| !p.is_eof()) {
+        // While the log sink is full, the workers' pipes are not read: they fill, and the
+        // workers block writing (back-pressure); the sink is polled until it takes more.
+        if !self.sink.is_full() {
+            for w in &self.workers {
+                for p in w.pipes.iter().filter(|p| !p.is_eof()) {
+                    add(&mut fds, p.raw_fd());
+                }
+            }
+            for (_, _, p) in &self.orphan_pipes {
                 add(&mut fds, p.raw_fd());
             }
         }
-        for (_, _, p) in &self.orphan_pipes {
-            add(&mut fds, p.raw_fd());
+        if let Some(fd) = self.sink.poll_fd() {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            });
         }
         // Killed workers' cgroups, to remove once empty.
         for fd in self.cgroups.poll_fds() {
@@ -638,15 +668,21 @@ impl Master {
     }
 
     fn drain_worker(&mut self, i: usize, drain: bool) {
+        // Past the log's hard cap even an exited worker's last lines wait: its pipes are kept
+        // (as orphan pipes) and read once the log takes more.
+        if self.sink.is_over_cap() {
+            return;
+        }
         let w = &mut self.workers[i];
         let (pid, generation) = (w.pid.as_raw(), w.generation);
         let (lines, tail) = (&mut self.lines, &mut w.tail);
         lines.begin();
         for p in w.pipes.iter_mut() {
             let tag = lines.tag(pid, generation, p.stream.as_str());
-            p.pump(drain, |line| {
+            p.pump_while(drain, |line| {
                 let text = lines.push(line, &tag);
                 crate::worker::remember(tail, &text);
+                lines.has_room()
             });
         }
         lines.flush();
@@ -678,7 +714,19 @@ impl Master {
     }
 
     fn pump_pipes(&mut self, ready: &[RawFd]) {
-        for i in 0..self.workers.len() {
+        // The sink step: write what the log did not take before (it polled writable, or a
+        // file's disk has room again), before reading more.
+        self.sink.write_pending();
+        self.limit_orphan_pipes();
+        // Stop reading once the log is full; each turn starts with another worker, so that a
+        // slow log starves none of them.
+        let n = self.workers.len();
+        let first = self.lines.next_turn(n);
+        for k in 0..n {
+            if self.sink.is_full() {
+                return;
+            }
+            let i = (first + k) % n;
             if self.workers[i]
                 .pipes
                 .iter()
@@ -688,17 +736,39 @@ impl Master {
             }
         }
         let lines = &mut self.lines;
+        let sink = &self.sink;
         lines.begin();
         self.orphan_pipes.retain_mut(|(pid, generation, p)| {
-            if ready.binary_search(&p.raw_fd()).is_ok() {
+            if ready.binary_search(&p.raw_fd()).is_ok() && !sink.is_full() {
                 let tag = lines.tag(pid.as_raw(), *generation, p.stream.as_str());
-                p.pump(false, |line| {
+                p.pump_while(false, |line| {
                     lines.push(line, &tag);
+                    lines.has_room()
                 });
             }
             !p.is_eof()
         });
         lines.flush();
+    }
+
+    /// At most [`MAX_ORPHAN_PIPES`] pipes of exited workers are kept open for their
+    /// descendants; beyond that the oldest is read one last time and closed.
+    fn limit_orphan_pipes(&mut self) {
+        while self.orphan_pipes.len() > MAX_ORPHAN_PIPES {
+            let (pid, generation, mut p) = self.orphan_pipes.remove(0);
+            let tag = self.lines.tag(pid.as_raw(), generation, p.stream.as_str());
+            let lines = &mut self.lines;
+            lines.begin();
+            p.pump(true, |line| {
+                lines.push(line, &tag);
+            });
+            p.finish(|line| {
+                lines.push(line, &tag);
+            });
+            lines.flush();
+            warn!(self.log, "too many log pipes held open by exited workers' descendants: closing the oldest";
+                "max" => MAX_ORPHAN_PIPES, "stream" => p.stream.as_str(), "generation" => generation, "pid" => pid.as_raw());
+        }
     }
 
     fn tick(&mut self, now: Instant) {
@@ -1346,6 +1416,7 @@ impl Master {
             "reloading": self.reload.as_ref().map(|r| r.generation),
             "workers": workers,
             "listeners": listeners,
+            "log": self.sink.status(),
         })
     }
 }
@@ -1559,13 +1630,17 @@ impl Master {
             config: Some(crate::config_state::ConfigState::from(&*self.config)),
             notify_path: Some(self.notify.path().to_path_buf()),
             control_path: Some(self.control.path().to_path_buf()),
-            log: Some(self.sink.handover()),
+            log: None,
         };
         info!(self.log, "upgrading: re-executing the master"; "exe" => self.exe.display().to_string());
         if let Some(i) = from {
             self.conns[i].send(&Reply::progress(format!("re-executing {}", self.exe.display())));
         }
-        let _ = self.sink.flush();
+        // What the log has not taken yet is handed over, not waited for: taken last, so that
+        // it holds every record up to the exec.
+        self.sink.write_pending();
+        let mut state = state;
+        state.log = Some(self.sink.handover());
         let reason = upgrade::exec(&state);
         let msg = format!("upgrade failed: {reason}; the master carries on unchanged");
         error!(self.log, "{}", msg);
@@ -1575,7 +1650,7 @@ impl Master {
     /// The new image after an upgrade, first step: everything that can fail, before any
     /// handed-over fd is taken over (so that a failure can still roll back to the old image
     /// with every fd open): the running config, the log, the signal handlers.
-    fn prepare_resume(state: &upgrade::State) -> Result<Resumed, String> {
+    fn prepare_resume(state: &mut upgrade::State) -> Result<Resumed, String> {
         if std::env::var_os(FAULT_ENV).is_some_and(|v| v == "resume") {
             return Err(format!(
                 "{FAULT_ENV}=resume: failing the resume on purpose (fault injection)"
@@ -1589,12 +1664,13 @@ impl Master {
             // Version 1: only the text was handed over.
             None => config::parse(&state.config_path, &state.config_text).map_err(|e| e.to_string())?,
         };
-        let (log, sink) = match &state.log {
-            Some(l) => crate::log::resume(l.path.clone(), l.fd, config.master.log_format),
+        let signals = Signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
+        // Last: the log takes over its handed-over fd, and nothing may fail after that.
+        let (log, sink) = match state.log.take() {
+            Some(l) => crate::log::resume(l, config.master.log_format),
             None => crate::log::build(&config.master.log, config.master.log_format)
                 .map_err(|e| format!("opening log {:?}: {}", config.master.log, describe_io(&e)))?,
         };
-        let signals = Signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
         Ok(Resumed {
             config: Rc::new(config),
             log,
@@ -1821,12 +1897,12 @@ fn spawn_upgrade_check(exe: &Path) -> Result<(Pid, std::fs::File), String> {
 /// goes back to the old image.
 pub fn run_foreground(config_path: &Path) -> Result<i32, StartError> {
     if let Some(taken) = upgrade::take_state() {
-        let taken = match taken {
+        let mut taken = match taken {
             Ok(t) => t,
             Err((reason, rollback)) => return Err(StartError::Other(roll_back(&reason, &rollback, &[]))),
         };
         let fds = taken.state.fds(-1);
-        return match Master::prepare_resume(&taken.state) {
+        return match Master::prepare_resume(&mut taken.state) {
             Ok(prepared) => {
                 let master = Master::resume(taken.state, prepared, taken.rolled_back);
                 taken.rollback.done();

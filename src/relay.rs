@@ -5,8 +5,11 @@
 //! No line is lost: a pipe is read until EOF, also after its worker has exited (the master
 //! drains the pipes of a reaped worker before it judges the exit, so the failure report has
 //! the last lines). The read end is non-blocking and read in bounded chunks so that one chatty
-//! worker cannot starve the event loop; writing the log is synchronous, so a slow log sink
-//! slows the master's reads and, through the full pipe, the worker: back-pressure, never loss.
+//! worker cannot starve the event loop. The log never blocks the master (src/log.rs): what it
+//! does not take is kept pending, and while that is full the master stops reading the pipes,
+//! so that a slow log sink slows the worker through its full pipe: back-pressure, never loss.
+//! A pipe that outlives its worker and the master's stop has its last unfinished line logged
+//! too ([`Pipe::finish`]).
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
@@ -17,6 +20,9 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 pub const MAX_LINE: usize = 64 * 1024;
 /// At most this much is read from one pipe per wake-up of the event loop.
 const READ_BUDGET: usize = 256 * 1024;
+/// One read. Small enough that what it formats into the log (a line of a few bytes becomes a
+/// record of a hundred) overshoots little when the log says it has no more room.
+const CHUNK: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
@@ -80,15 +86,25 @@ impl Pipe {
     /// Read what is available (at most a budget, unless `drain`) and hand every complete line
     /// to `emit`, without its newline. At EOF the last partial line is emitted too.
     pub fn pump(&mut self, drain: bool, mut emit: impl FnMut(&[u8])) {
+        self.pump_while(drain, |line| {
+            emit(line);
+            true
+        })
+    }
+
+    /// [`Pipe::pump`], but when `emit` returns false (the log has no more room), reading stops
+    /// after the current chunk, unless `drain`.
+    pub fn pump_while(&mut self, drain: bool, mut emit: impl FnMut(&[u8]) -> bool) {
         let mut read_total = 0;
-        let mut chunk = [0u8; 65536];
-        while !self.eof && (drain || read_total < READ_BUDGET) {
+        let mut more = true;
+        let mut chunk = [0u8; CHUNK];
+        while !self.eof && (drain || (more && read_total < READ_BUDGET)) {
             match nix::unistd::read(self.fd.as_raw_fd(), &mut chunk) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
                     read_total += n;
                     self.buf.extend_from_slice(&chunk[..n]);
-                    self.emit_lines(&mut emit);
+                    more = self.emit_lines(&mut emit);
                 }
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => break,
@@ -103,24 +119,35 @@ impl Pipe {
         }
     }
 
-    fn emit_lines(&mut self, emit: &mut impl FnMut(&[u8])) {
+    /// Hand over the unfinished last line, if any (the master stops and will not read on).
+    pub fn finish(&mut self, mut emit: impl FnMut(&[u8])) {
+        let rest = std::mem::take(&mut self.buf);
+        for piece in rest.chunks(MAX_LINE) {
+            emit(piece);
+        }
+    }
+
+    /// Emit every complete line; false if `emit` said no more room (for any of them).
+    fn emit_lines(&mut self, emit: &mut impl FnMut(&[u8]) -> bool) -> bool {
+        let mut more = true;
         let mut start = 0;
         while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
             let line = &self.buf[start..start + nl];
             for piece in line.chunks(MAX_LINE.max(1)) {
-                emit(piece);
+                more &= emit(piece);
             }
             if line.is_empty() {
-                emit(line);
+                more &= emit(line);
             }
             start += nl + 1;
         }
         // A line with no end in sight is written in pieces rather than buffered forever.
         while self.buf.len() - start >= MAX_LINE {
-            emit(&self.buf[start..start + MAX_LINE]);
+            more &= emit(&self.buf[start..start + MAX_LINE]);
             start += MAX_LINE;
         }
         self.buf.drain(..start);
+        more
     }
 }
 

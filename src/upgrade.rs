@@ -79,6 +79,9 @@ pub enum StreamName {
 pub struct LogState {
     pub path: Option<PathBuf>,
     pub fd: Option<RawFd>,
+    /// Formatted bytes the log had not taken yet (the first line possibly begun).
+    #[serde(default)]
+    pub pending: Vec<u8>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -91,11 +91,15 @@ fn blocked_log_sink_slows_the_worker_but_loses_nothing() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Nobody reads the master's stderr for a while: the pipe fills, the master blocks writing,
-    // the worker's pipe fills, the worker blocks. Nothing may be dropped.
-    std::thread::sleep(Duration::from_secs(1));
+    // Nobody reads the master's stderr until it is full: the master keeps what the pipe does
+    // not take, stops reading the worker's pipe, the worker blocks. Nothing may be dropped.
+    // (tests/hardening_log.rs checks that the master keeps serving meanwhile.)
+    let stderr = child.stderr.take().unwrap();
+    wait_for("the master's stderr pipe to fill", DEADLINE, || {
+        pipe_full(std::os::fd::AsRawFd::as_raw_fd(&stderr)).then_some(())
+    });
     let mut n = 0u64;
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+    for line in BufReader::new(stderr).lines() {
         let line = line.unwrap();
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
             if v["stream"] == "stdout" {

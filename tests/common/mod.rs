@@ -451,3 +451,17 @@ impl Load {
         total
     }
 }
+
+/// Whether the pipe whose read end is `fd` is full: within a page of what it can hold (a
+/// pipe counts its room in pages, so a writer may be refused with less than that queued).
+pub fn pipe_full(fd: std::os::fd::RawFd) -> bool {
+    let mut queued: nix::libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer; F_GETPIPE_SZ takes no argument.
+    let (r, size) = unsafe {
+        (
+            nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut queued),
+            nix::libc::fcntl(fd, nix::libc::F_GETPIPE_SZ),
+        )
+    };
+    r == 0 && size > 0 && queued + 4096 >= size
+}
