@@ -491,3 +491,64 @@ fn pipes_held_open_by_exited_workers_descendants_are_capped() {
         z.log_text().lines().rev().take(20).collect::<Vec<_>>().join("\n")
     );
 }
+
+#[test]
+fn an_upgrade_with_a_blocked_log_hands_the_pending_lines_over() {
+    // The master's stderr is a pipe not read until the end: at the upgrade, a megabyte of
+    // worker lines is pending. The new image must write them, not lose them.
+    let (ours, theirs) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let mut z = Zdd::new(
+        "[master]\nlog_format = \"json\"\ncontrol_socket = \"{dir}/ctl.sock\"\n\n\
+         [worker]\ncommand = [\"{fixture}\", \"--ready\", \"--flood\"]\nstop_timeout = \"60s\"\n",
+    );
+    let sock = z.path("ctl.sock");
+    let mut cmd = z.command(&["start", "--foreground"]);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(theirs));
+    z.child = Some(cmd.spawn().unwrap());
+    drop(cmd);
+    wait_for("the control socket", DEADLINE, || UnixStream::connect(&sock).ok());
+    let s = wait_for("the relay to pause", DEADLINE, || {
+        let s = status_now(&sock);
+        (s["log"]["relay_paused"] == true).then_some(s)
+    });
+    let pid = s["pid"].clone();
+    let replies = request(&sock, r#"{"cmd":"upgrade"}"#, DEADLINE).unwrap();
+    let last = replies.last().unwrap();
+    assert_eq!(last["ok"], true, "{replies:?}");
+    let s = status_now(&sock);
+    assert_eq!(s["pid"], pid);
+    assert!(s["log"]["pending_bytes"].as_u64().unwrap() >= 1024 * 1024, "{s}");
+    assert_eq!(s["log"]["dropped_lines"], 0, "{s}");
+    // Read everything from now on, and stop.
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        let mut r = BufReader::new(std::fs::File::from(ours));
+        loop {
+            let mut line = Vec::new();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => lines.push(line),
+            }
+        }
+        lines
+    });
+    let replies = request(&sock, r#"{"cmd":"stop"}"#, DEADLINE).unwrap();
+    assert_eq!(replies.last().unwrap()["data"]["log_lines_lost"], 0, "{replies:?}");
+    assert_eq!(z.wait_exit().code(), Some(0));
+    let lines = reader.join().unwrap();
+    let relayed = check_flood_lines(&lines, &[]);
+    assert_eq!(relayed.len(), 1, "{relayed:?}");
+    let text: Vec<Value> = lines.iter().filter_map(|l| serde_json::from_slice(l).ok()).collect();
+    for msg in [
+        "upgrading: re-executing the master",
+        "upgraded: master re-executed",
+        "stopped",
+    ] {
+        assert!(text.iter().any(|r| r["msg"] == msg), "no {msg:?} record");
+    }
+    assert!(!text
+        .iter()
+        .any(|r| r["msg"].as_str().is_some_and(|m| m.contains("lost"))));
+}
