@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, bind, connect, listen, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn,
-    SockaddrIn6, UnixAddr,
+    self, bind, listen, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
+    UnixAddr,
 };
 use nix::sys::stat::{fchmodat, FchmodatFlags, Mode};
 use nix::unistd::fchownat;
@@ -257,7 +257,7 @@ fn clear_stale(name: &str, path: &Path) -> Result<(), ListenError> {
             path: path.display().to_string(),
         });
     }
-    if socket_is_live(path) {
+    if crate::sockfile::socket_is_live(path) {
         return Err(ListenError::InUse {
             name: name.into(),
             path: path.display().to_string(),
@@ -269,24 +269,6 @@ fn clear_stale(name: &str, path: &Path) -> Result<(), ListenError> {
         addr: path.display().to_string(),
         errno: io_errno(&e),
     })
-}
-
-/// Whether some process holds the unix socket file at `path`: a stream connect succeeds (or
-/// finds the backlog full), or is refused for the socket's type (EPROTOTYPE: a datagram socket
-/// somebody has bound). Only ECONNREFUSED (nobody bound it) and ENOENT mean it is free; any
-/// other answer (EACCES, …) counts as live, so that nothing is removed on a guess.
-pub fn socket_is_live(path: &Path) -> bool {
-    let Ok(fd) = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    ) else {
-        return false;
-    };
-    let Ok(ua) = UnixAddr::new(path) else { return false };
-    // A full backlog answers EAGAIN, which still means somebody listens.
-    !matches!(connect(fd.as_raw_fd(), &ua), Err(Errno::ECONNREFUSED | Errno::ENOENT))
 }
 
 /// Sockets passed to the master itself by systemd (socket activation): the fds 3.. with their

@@ -19,9 +19,7 @@
     )
 )]
 
-mod cgroup;
 mod cli;
-mod client;
 mod clock;
 mod config;
 mod config_state;
@@ -31,10 +29,8 @@ mod errno;
 mod listen;
 mod log;
 mod master;
-mod notify;
 mod portholder;
-mod relay;
-mod spawn;
+mod sockfile;
 mod upgrade;
 mod worker;
 
@@ -44,7 +40,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 
 use cli::{Cli, Command};
-use control::Request;
+use control::{client, Request};
 
 /// An error with the exit code it maps to.
 struct Failure {

@@ -37,10 +37,10 @@ use crate::daemon::{ensure_parent, PidFile};
 use crate::errno::describe_io;
 use crate::listen::Listener;
 use crate::log::{LineBatch, Sink};
-use crate::notify::{monotonic_usec, NotifyServer, SystemdNotifier};
-use crate::relay::{Pipe, Stream};
-use crate::spawn::{spawn, SpawnSpec};
 use crate::upgrade;
+use crate::worker::notify::{monotonic_usec, NotifyServer, SystemdNotifier};
+use crate::worker::relay::{Pipe, Stream};
+use crate::worker::spawn::{spawn, SpawnSpec};
 use crate::worker::{Effect, Event, ExitStatus, State, Worker};
 
 /// Crash back-off: 100 ms doubling up to 30 s, forgotten once a worker has lived 10 s.
@@ -66,7 +66,7 @@ pub enum StartError {
     #[error(transparent)]
     Listen(#[from] crate::listen::ListenError),
     #[error(transparent)]
-    Notify(#[from] crate::notify::NotifyError),
+    Notify(#[from] crate::worker::notify::NotifyError),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
     #[error("{0}")]
@@ -193,7 +193,7 @@ pub struct Master {
     /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
     systemd: Option<SystemdNotifier>,
     /// The workers' cgroups (cgroup.rs); removed at stop, before the pid-file lock goes.
-    cgroups: crate::cgroup::Cgroups,
+    cgroups: crate::worker::cgroup::Cgroups,
     /// Dropped after the sockets: while the pid file exists, the lock is held.
     pid_file: PidFile,
     /// Declared last, so dropped last: a `zdd stop` client sees EOF only after the sockets
@@ -212,7 +212,7 @@ impl Master {
     pub fn start(config: Config, log: Logger, sink: Sink) -> Result<Master, StartError> {
         let config = Rc::new(config);
         let m = &config.master;
-        crate::spawn::check_credentials(&config.worker).map_err(|e| StartError::Other(e.to_string()))?;
+        crate::worker::spawn::check_credentials(&config.worker).map_err(|e| StartError::Other(e.to_string()))?;
         let pid_file = PidFile::acquire(&m.pid_file)?;
         let worker_nofile = crate::errno::raise_nofile();
         if let (Some((soft, _)), Ok((now, _))) = (
@@ -224,8 +224,8 @@ impl Master {
             }
         }
         // No master of this config lives now: what a crashed one left must not keep the ports.
-        crate::cgroup::clean_stale(&log, &m.pid_file);
-        let cgroups = crate::cgroup::Cgroups::none(&log);
+        crate::worker::cgroup::clean_stale(&log, &m.pid_file);
+        let cgroups = crate::worker::cgroup::Cgroups::none(&log);
         ensure_parent(&m.notify_socket).map_err(|e| {
             StartError::Other(format!(
                 "create directory for {}: {}",
@@ -323,7 +323,7 @@ impl Master {
             info!(self.log, "starting"; "workers" => self.config.worker.count, "generation" => 1, "pid" => std::process::id());
             self.slots = vec![Slot::default(); self.config.worker.count];
             // Here, not in `start`: the tree is named after the master's pid (after daemonizing).
-            self.cgroups = crate::cgroup::Cgroups::start(&self.log, &self.config.master.pid_file);
+            self.cgroups = crate::worker::cgroup::Cgroups::start(&self.log, &self.config.master.pid_file);
             self.spawn_generation(Rc::clone(&self.config), self.listeners.clone(), 1);
         }
         loop {
@@ -1117,7 +1117,7 @@ impl Master {
                 },
             }
         }
-        if let Err(e) = crate::spawn::check_credentials(&config.worker) {
+        if let Err(e) = crate::worker::spawn::check_credentials(&config.worker) {
             return fail(self, format!("reload failed; nothing changed: {e}"));
         }
         let new_owner = config.worker.credentials.as_ref().map(|c| c.uid);
@@ -1728,7 +1728,7 @@ impl Master {
                     tail: w.tail.into_iter().collect(),
                     status_text: w.status_text,
                     _listeners: w.listeners.iter().filter_map(|&i| all.get(i).cloned()).collect(),
-                    cgroup: w.cgroup.map(crate::cgroup::WorkerCgroup::from_path),
+                    cgroup: w.cgroup.map(crate::worker::cgroup::WorkerCgroup::from_path),
                 }
             })
             .collect();
@@ -1748,7 +1748,7 @@ impl Master {
         // The sockets stay where they are bound, whatever [master] says now.
         let notify_path = state.notify_path.clone().unwrap_or_else(|| m.notify_socket.clone());
         let control_path = state.control_path.clone().unwrap_or_else(|| m.control_socket.clone());
-        let cgroups = crate::cgroup::Cgroups::resume(&log, state.cgroups, &pid_path);
+        let cgroups = crate::worker::cgroup::Cgroups::resume(&log, state.cgroups, &pid_path);
         let mut master = Master {
             cgroups,
             notify: NotifyServer::from_fd(upgrade::own(state.notify_fd), &notify_path),

@@ -157,7 +157,7 @@ pub struct State {
     pub worker_nofile: Option<(u64, u64)>,
     /// The workers' cgroup tree (cgroup.rs), if the master has one.
     #[serde(default)]
-    pub cgroups: Option<crate::cgroup::HandOver>,
+    pub cgroups: Option<crate::worker::cgroup::HandOver>,
     /// The running config, as data (version 2). Version 1 states carry only the text.
     #[serde(default)]
     pub config: Option<crate::config_state::ConfigState>,

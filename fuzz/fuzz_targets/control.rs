@@ -1,4 +1,4 @@
-//! Fuzz the control protocol codec (src/control.rs): the request decoder the master runs on
+//! Fuzz the control protocol codec (src/control/protocol.rs, src/control/server.rs): the request decoder the master runs on
 //! every client line, the connection's line framing in front of it, and the reply decoder the
 //! client runs on every line from the master. Nothing may panic; a rejected request must say
 //! why; whatever decodes must re-encode (serde_json) to something that decodes to the same value.
@@ -14,13 +14,23 @@ use serde_json::Value;
 
 // zdd has no library target: include the modules themselves.
 #[allow(dead_code, unused_imports)]
-#[path = "../../src/control.rs"]
-mod control;
+#[path = "../../src/clock.rs"]
+mod clock;
 #[allow(dead_code, unused_imports)]
 #[path = "../../src/errno.rs"]
 mod errno;
+#[allow(dead_code, unused_imports)]
+#[path = "../../src/control/protocol.rs"]
+mod protocol;
+#[allow(dead_code, unused_imports)]
+#[path = "../../src/control/server.rs"]
+mod server;
+#[allow(dead_code, unused_imports)]
+#[path = "../../src/sockfile.rs"]
+mod sockfile;
 
-use control::{decode_request, Conn, Input, Reply};
+use protocol::{decode_request, Reply};
+use server::{Conn, Input};
 
 fuzz_target!(|data: &[u8]| {
     requests(data);

@@ -6,6 +6,11 @@
 //! restart and stop are all expressed as events fed to it. [`transition`] is pure (it returns
 //! the effects to carry out), so it is unit-tested with synthetic events and clocks.
 
+pub mod cgroup;
+pub mod notify;
+pub mod relay;
+pub mod spawn;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::rc::Rc;
@@ -16,7 +21,7 @@ use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
 use crate::listen::Listener;
-use crate::relay::Pipe;
+use crate::worker::relay::Pipe;
 
 /// How many of a worker's last log lines are kept for failure reports.
 pub const TAIL_LINES: usize = 10;
@@ -175,7 +180,7 @@ pub struct Worker {
     pub _listeners: Vec<Rc<Listener>>,
     /// Its own cgroup, where the master could create one: SIGKILL reaches every descendant
     /// there, even one that left the process group.
-    pub cgroup: Option<crate::cgroup::WorkerCgroup>,
+    pub cgroup: Option<crate::worker::cgroup::WorkerCgroup>,
 }
 
 impl Worker {

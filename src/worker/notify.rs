@@ -86,7 +86,7 @@ impl NotifyServer {
         };
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
-                if crate::listen::socket_is_live(path) {
+                if crate::sockfile::socket_is_live(path) {
                     return Err(NotifyError::InUse(path.display().to_string()));
                 }
                 std::fs::remove_file(path).map_err(|e| sys("unlink")(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?
@@ -109,7 +109,7 @@ impl NotifyServer {
         let server = NotifyServer {
             fd,
             path: path.to_path_buf(),
-            file: crate::control::file_id(path),
+            file: crate::sockfile::file_id(path),
         };
         // Workers may run as another user; only they (and root) may write to it.
         nix::sys::stat::fchmodat(
@@ -129,7 +129,7 @@ impl NotifyServer {
         let file = std::fs::symlink_metadata(path)
             .ok()
             .filter(|m| m.file_type().is_socket())
-            .and(crate::control::file_id(path));
+            .and(crate::sockfile::file_id(path));
         NotifyServer {
             fd,
             path: path.to_path_buf(),
@@ -210,7 +210,7 @@ impl NotifyServer {
 
 impl Drop for NotifyServer {
     fn drop(&mut self) {
-        crate::control::remove_if_same(&self.path, self.file);
+        crate::sockfile::remove_if_same(&self.path, self.file);
     }
 }
 

@@ -1,99 +1,21 @@
-//! The control socket: how `zdd reload`, `stop`, `status` and `reopen-logs` talk to a running
-//! master.
-//!
-//! Protocol: a unix stream socket (mode 0600, owned by the master's user). The client sends one
-//! request, a JSON object on one line: `{"cmd":"reload","if_generation":3}`, `{"cmd":"stop"}`,
-//! `{"cmd":"status"}`, `{"cmd":"reopen-logs"}`. The master answers with zero or more progress
-//! lines `{"type":"progress","message":"…"}` and exactly one result line
-//! `{"type":"result","ok":true|false,"message":"…","data":{…}}`.
-//!
-//! The master checks SO_PEERCRED when it accepts: only root and its own uid are served. A
-//! connection is non-blocking and part of the master's poll loop, so a client can never stall
-//! the master: a request must arrive whole within [`REQUEST_TIMEOUT`] and within
-//! [`MAX_REQUEST`] bytes; malformed requests get an error result and the connection closes;
-//! a client that does not read its replies is dropped once [`MAX_PENDING_OUTPUT`] is queued.
+//! The master's side of the control socket: the listening socket, its file, and each client
+//! connection as part of the master's poll loop (see the protocol in [`super`]).
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt};
-use serde::{Deserialize, Serialize};
 
+use super::protocol::{decode_request, Reply, Request, MAX_REQUEST, REQUEST_TIMEOUT};
 use crate::errno::describe_io;
+use crate::sockfile::{file_id, path_is_socket, remove_if_same, socket_is_live};
 
-/// Longest request line accepted.
-pub const MAX_REQUEST: usize = 64 * 1024;
-/// Time a client has to send its whole request.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Output queued for a client that does not read, before it is dropped.
 const MAX_PENDING_OUTPUT: usize = 1024 * 1024;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    Reload {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        if_generation: Option<u64>,
-    },
-    // Struct variants (not unit ones), so that unknown fields are rejected for them too.
-    Stop {},
-    Status {},
-    ReopenLogs {},
-    Upgrade {},
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum Reply {
-    Progress {
-        message: String,
-    },
-    Result {
-        ok: bool,
-        message: String,
-        #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-        data: serde_json::Value,
-    },
-}
-
-impl Reply {
-    pub fn progress(message: impl Into<String>) -> Reply {
-        Reply::Progress {
-            message: message.into(),
-        }
-    }
-
-    pub fn ok(message: impl Into<String>, data: serde_json::Value) -> Reply {
-        Reply::Result {
-            ok: true,
-            message: message.into(),
-            data,
-        }
-    }
-
-    pub fn err(message: impl Into<String>, data: serde_json::Value) -> Reply {
-        Reply::Result {
-            ok: false,
-            message: message.into(),
-            data,
-        }
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut v = serde_json::to_vec(self).unwrap_or_else(|_| b"{}".to_vec());
-        v.push(b'\n');
-        v
-    }
-}
-
-/// Decode one request line (without its newline).
-pub fn decode_request(line: &[u8]) -> Result<Request, String> {
-    serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -117,18 +39,6 @@ pub struct ControlServer {
     file: Option<(u64, u64)>,
 }
 
-/// The identity of the file at `path` now, without following a symbolic link.
-pub fn file_id(path: &Path) -> Option<(u64, u64)> {
-    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
-}
-
-/// Remove `path` only if it is still the file `id` names: never a file somebody else put there.
-pub fn remove_if_same(path: &Path, id: Option<(u64, u64)>) {
-    if id.is_some() && file_id(path) == id {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
 impl ControlServer {
     /// Bind at `path`. A socket file there is replaced only if nobody listens on it (a dead
     /// master's); the pid-file lock alone proves nothing, since the pid file may have been
@@ -143,7 +53,7 @@ impl ControlServer {
         };
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
-                if crate::listen::socket_is_live(path) {
+                if socket_is_live(path) {
                     return Err(ControlError::InUse(path.display().to_string()));
                 }
                 std::fs::remove_file(path).map_err(io("unlink stale socket"))?
@@ -228,10 +138,6 @@ impl Drop for ControlServer {
     fn drop(&mut self) {
         remove_if_same(&self.path, self.file);
     }
-}
-
-fn path_is_socket(path: &Path) -> bool {
-    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
 /// What reading from a connection produced.
@@ -394,60 +300,9 @@ impl Conn {
         self.outbuf.clear();
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_round_trip() {
-        for r in [
-            Request::Reload { if_generation: None },
-            Request::Reload { if_generation: Some(4) },
-            Request::Stop {},
-            Request::Status {},
-            Request::ReopenLogs {},
-        ] {
-            let line = serde_json::to_vec(&r).unwrap();
-            assert_eq!(decode_request(&line).unwrap(), r);
-        }
-        assert_eq!(
-            decode_request(br#"{"cmd":"reload"}"#).unwrap(),
-            Request::Reload { if_generation: None }
-        );
-        assert_eq!(
-            decode_request(br#"{"cmd":"reopen-logs"}"#).unwrap(),
-            Request::ReopenLogs {}
-        );
-    }
-
-    #[test]
-    fn bad_requests_are_errors() {
-        for bad in [
-            &b"garbage"[..],
-            b"{}",
-            br#"{"cmd":"explode"}"#,
-            br#"{"cmd":"stop","x":1}"#,
-            b"\xff\xfe",
-        ] {
-            assert!(
-                decode_request(bad).unwrap_err().starts_with("malformed request"),
-                "{bad:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn replies_encode_as_one_line() {
-        let r = Reply::ok("done", serde_json::json!({"generation": 2}));
-        let e = r.encode();
-        assert_eq!(e.last(), Some(&b'\n'));
-        assert_eq!(e.iter().filter(|&&b| b == b'\n').count(), 1);
-        let back: Reply = serde_json::from_slice(&e).unwrap();
-        assert_eq!(back, r);
-        let p: Reply = serde_json::from_slice(&Reply::progress("x\ny").encode()).unwrap();
-        assert_eq!(p, Reply::progress("x\ny"));
-    }
 
     #[test]
     fn oversized_and_split_requests() {

@@ -76,7 +76,7 @@ pub struct SpawnSpec<'a> {
     pub generation: u64,
     pub rlimits: &'a [crate::config::Rlimit],
     /// The cgroup the child joins before exec, if the master has one for it.
-    pub cgroup: Option<&'a crate::cgroup::WorkerCgroup>,
+    pub cgroup: Option<&'a crate::worker::cgroup::WorkerCgroup>,
 }
 
 /// How long the master waits for a forked child to reach exec (or report its failure).
