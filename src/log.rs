@@ -669,13 +669,13 @@ impl Sink {
     /// What an upgrade hands over: the log file's path, its open fd (so that the new image
     /// keeps writing to the same file even if its directory is gone meanwhile) and the bytes
     /// still pending (so that a slow log loses nothing over an upgrade).
-    pub fn handover(&self) -> crate::upgrade::LogState {
+    pub fn handover(&self) -> crate::master::handover::LogState {
         let s = self.lock();
         let fd = match &s.target {
             Target::File(f) => Some(f.as_raw_fd()),
             _ => None,
         };
-        crate::upgrade::LogState {
+        crate::master::handover::LogState {
             path: self.path.clone(),
             fd,
             pending: s.out.buf[s.out.head..].to_vec(),
@@ -685,9 +685,9 @@ impl Sink {
 
 /// The log of a master resumed after an upgrade: the file handed over (close-on-exec again),
 /// or stderr, with what was still pending.
-pub fn resume(state: crate::upgrade::LogState, format: LogFormat) -> (Logger, Sink) {
+pub fn resume(state: crate::master::handover::LogState, format: LogFormat) -> (Logger, Sink) {
     let target = match state.fd {
-        Some(fd) => Target::File(File::from(crate::upgrade::own(fd))),
+        Some(fd) => Target::File(File::from(crate::master::handover::own(fd))),
         None => Target::stderr(),
     };
     let sink = Sink {

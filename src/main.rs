@@ -29,9 +29,9 @@ mod errno;
 mod listen;
 mod log;
 mod master;
+mod pidfile;
 mod portholder;
 mod sockfile;
-mod upgrade;
 mod worker;
 
 use std::io::Write;
@@ -43,26 +43,26 @@ use cli::{Cli, Command};
 use control::{client, Request};
 
 /// An error with the exit code it maps to.
-struct Failure {
+struct CliError {
     code: u8,
     message: String,
 }
 
-fn fail(code: u8, message: impl ToString) -> Failure {
-    Failure {
+fn fail(code: u8, message: impl ToString) -> CliError {
+    CliError {
         code,
         message: message.to_string(),
     }
 }
 
-impl From<client::ClientError> for Failure {
-    fn from(e: client::ClientError) -> Failure {
+impl From<client::ClientError> for CliError {
+    fn from(e: client::ClientError) -> CliError {
         fail(e.exit_code(), e)
     }
 }
 
-impl From<master::StartError> for Failure {
-    fn from(e: master::StartError) -> Failure {
+impl From<master::StartError> for CliError {
+    fn from(e: master::StartError) -> CliError {
         match e {
             master::StartError::Config(_) => fail(2, e),
             e => fail(1, e),
@@ -82,7 +82,7 @@ fn progress(message: &str) {
 
 /// The master's answer, judged: a negative result is a failure (exit 1) with the master's
 /// message and, for a failed reload, the failed worker's last log lines.
-fn judged(o: client::Outcome) -> Result<client::Outcome, Failure> {
+fn judged(o: client::Outcome) -> Result<client::Outcome, CliError> {
     if o.ok {
         return Ok(o);
     }
@@ -96,15 +96,15 @@ fn judged(o: client::Outcome) -> Result<client::Outcome, Failure> {
 /// Status and reopen-logs answer at once; this only guards against a wedged master.
 const QUICK: Option<std::time::Duration> = Some(std::time::Duration::from_secs(30));
 
-fn load(cli: &Cli) -> Result<config::Config, Failure> {
+fn load(cli: &Cli) -> Result<config::Config, CliError> {
     config::load(&cli.config).map_err(|e| fail(2, e))
 }
 
-fn load_master(cli: &Cli) -> Result<config::MasterConfig, Failure> {
+fn load_master(cli: &Cli) -> Result<config::MasterConfig, CliError> {
     config::load_master(&cli.config).map_err(|e| fail(2, e))
 }
 
-fn run(cli: Cli) -> Result<u8, Failure> {
+fn run(cli: Cli) -> Result<u8, CliError> {
     match &cli.command {
         Command::Check => {
             let c = load(&cli)?;
@@ -167,7 +167,7 @@ fn run(cli: Cli) -> Result<u8, Failure> {
             progress(&o.message);
             Ok(0)
         }
-        Command::UpgradeCheck { state_version } => match upgrade::check(*state_version) {
+        Command::UpgradeCheck { state_version } => match master::handover::check(*state_version) {
             Ok(line) => {
                 out(&format!("{line}\n"));
                 Ok(0)

@@ -129,12 +129,16 @@ fn failed_exec_leaves_the_old_master_running() {
     // Start from a copy of the binary, then remove the copy: the upgrade's exec must fail.
     let copy = z.path("zdd-copy");
     std::fs::copy(zdd_bin(), &copy).unwrap();
-    let o = std::process::Command::new(&copy)
+    let mut start = std::process::Command::new(&copy);
+    start
         .args(["start", "-c"])
         .arg(&z.config)
-        .env("FIXTURE_REPORT_DIR", z.reports())
-        .output()
-        .unwrap();
+        .env("FIXTURE_REPORT_DIR", z.reports());
+    // Another test's fork may briefly hold the new file open for writing (ETXTBSY): retry.
+    let o = wait_for("exec of the copied binary", DEADLINE, || match start.output() {
+        Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => None,
+        r => Some(r.unwrap()),
+    });
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let before = status(&z);
     std::fs::remove_file(&copy).unwrap();

@@ -177,7 +177,7 @@ pub struct Worker {
     pub tail: VecDeque<String>,
     pub status_text: Option<String>,
     /// The sockets it received; holding them keeps them open while it runs.
-    pub _listeners: Vec<Rc<Listener>>,
+    pub listeners: Vec<Rc<Listener>>,
     /// Its own cgroup, where the master could create one: SIGKILL reaches every descendant
     /// there, even one that left the process group.
     pub cgroup: Option<crate::worker::cgroup::WorkerCgroup>,

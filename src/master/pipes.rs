@@ -1,0 +1,111 @@
+//! The master's side of the worker log relay: reading the workers' pipes (and pipes that
+//! outlived their worker) into the log, with back-pressure when the log cannot take more, and
+//! the notify socket's readiness messages.
+
+use super::*;
+
+impl Master {
+    pub(super) fn drain_worker(&mut self, i: usize, drain: bool) {
+        // Past the log's hard cap even an exited worker's last lines wait: its pipes are kept
+        // (as orphan pipes) and read once the log takes more.
+        if self.sink.is_over_cap() {
+            return;
+        }
+        let w = &mut self.workers[i];
+        let (pid, generation) = (w.pid.as_raw(), w.generation);
+        let (lines, tail) = (&mut self.lines, &mut w.tail);
+        lines.begin();
+        for p in w.pipes.iter_mut() {
+            let tag = lines.tag(pid, generation, p.stream.as_str());
+            p.pump_while(drain, |line| {
+                let text = lines.push(line, &tag);
+                crate::worker::remember(tail, &text);
+                lines.has_room()
+            });
+        }
+        lines.flush();
+    }
+
+    pub(super) fn read_notify(&mut self) {
+        for msg in self.notify.receive() {
+            let i = match self.workers.iter().position(|w| w.pid == msg.pid) {
+                Some(i) => Some(i),
+                None => nix::unistd::getpgid(Some(msg.pid))
+                    .ok()
+                    .and_then(|pgid| self.workers.iter().position(|w| w.pid == pgid && w.state.is_alive())),
+            };
+            let Some(i) = i else {
+                debug!(self.log, "notify message from a process that is not a worker; ignored"; "sender" => msg.pid.as_raw());
+                continue;
+            };
+            if let Some(status) = msg.get("STATUS") {
+                debug!(self.log, "worker status"; "status" => status, "pid" => self.workers[i].pid.as_raw());
+                self.workers[i].status_text = Some(status.to_string());
+            }
+            if msg.get("STOPPING") == Some("1") {
+                debug!(self.log, "worker is stopping"; "pid" => self.workers[i].pid.as_raw());
+            }
+            if msg.get("READY") == Some("1") {
+                self.feed(i, Event::Ready);
+            }
+        }
+    }
+
+    pub(super) fn pump_pipes(&mut self, ready: &[RawFd]) {
+        // The sink step: write what the log did not take before (it polled writable, or a
+        // file's disk has room again), before reading more.
+        self.sink.write_pending();
+        self.limit_orphan_pipes();
+        // Stop reading once the log is full; each turn starts with another worker, so that a
+        // slow log starves none of them.
+        let n = self.workers.len();
+        let first = self.lines.next_turn(n);
+        for k in 0..n {
+            if self.sink.is_full() {
+                return;
+            }
+            let i = (first + k) % n;
+            if self.workers[i]
+                .pipes
+                .iter()
+                .any(|p| ready.binary_search(&p.raw_fd()).is_ok())
+            {
+                self.drain_worker(i, false);
+            }
+        }
+        let lines = &mut self.lines;
+        let sink = &self.sink;
+        lines.begin();
+        self.orphan_pipes.retain_mut(|(pid, generation, p)| {
+            if ready.binary_search(&p.raw_fd()).is_ok() && !sink.is_full() {
+                let tag = lines.tag(pid.as_raw(), *generation, p.stream.as_str());
+                p.pump_while(false, |line| {
+                    lines.push(line, &tag);
+                    lines.has_room()
+                });
+            }
+            !p.is_eof()
+        });
+        lines.flush();
+    }
+
+    /// At most [`MAX_ORPHAN_PIPES`] pipes of exited workers are kept open for their
+    /// descendants; beyond that the oldest is read one last time and closed.
+    pub(super) fn limit_orphan_pipes(&mut self) {
+        while self.orphan_pipes.len() > MAX_ORPHAN_PIPES {
+            let (pid, generation, mut p) = self.orphan_pipes.remove(0);
+            let tag = self.lines.tag(pid.as_raw(), generation, p.stream.as_str());
+            let lines = &mut self.lines;
+            lines.begin();
+            p.pump(true, |line| {
+                lines.push(line, &tag);
+            });
+            p.finish(|line| {
+                lines.push(line, &tag);
+            });
+            lines.flush();
+            warn!(self.log, "too many log pipes held open by exited workers' descendants: closing the oldest";
+                "max" => MAX_ORPHAN_PIPES, "stream" => p.stream.as_str(), "generation" => generation, "pid" => pid.as_raw());
+        }
+    }
+}

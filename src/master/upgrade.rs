@@ -1,0 +1,487 @@
+//! The upgrade as the running master does it: check the new binary, exec it with the state
+//! ([`super::handover`]), and in the new image resume or roll back.
+
+use super::*;
+
+/// `zdd upgrade-check` of the new binary, running as a child of the master.
+pub(super) struct UpgradeCheck {
+    pub(super) pid: Pid,
+    /// Its stdout and stderr, read once it has exited.
+    pub(super) output: std::fs::File,
+    pub(super) deadline: Instant,
+}
+
+impl Master {
+    /// Why an upgrade cannot start now, if it cannot.
+    pub(super) fn upgrade_refusal(&self) -> Option<&'static str> {
+        match (self.phase, &self.reload) {
+            (Phase::Starting, _) => Some("the first generation is still starting"),
+            (Phase::Stopping, _) => Some("the master is stopping"),
+            (Phase::Running, Some(_)) => Some("a reload is under way"),
+            (Phase::Running, None) => None,
+        }
+    }
+
+    /// Answer every client waiting for the upgrade.
+    pub(super) fn finish_upgrade(&mut self, reply: Reply) {
+        for c in &mut self.conns {
+            if c.waiting == Some(Waiting::Upgrade) {
+                c.waiting = None;
+                c.send(&reply);
+            }
+        }
+    }
+
+    pub(super) fn refuse_upgrade(&mut self, msg: String) {
+        warn!(self.log, "{}", msg);
+        self.finish_upgrade(Reply::err(msg, Value::Null));
+    }
+
+    /// An upgrade asked for by SIGUSR2 (`from` = None) or a control client: first check the
+    /// new binary (asynchronously: the loop goes on), then re-execute it.
+    pub(super) fn upgrade(&mut self, from: Option<usize>) {
+        if let Some(i) = from {
+            self.conns[i].waiting = Some(Waiting::Upgrade);
+        }
+        if self.upgrade_check.is_some() {
+            return self.progress_upgrade("an upgrade is under way; this one shares its outcome".into());
+        }
+        if let Some(why) = self.upgrade_refusal() {
+            return self.refuse_upgrade(format!("upgrade refused: {why}"));
+        }
+        let exe = self.exe.clone();
+        info!(self.log, "upgrade: checking the new binary"; "exe" => exe.display().to_string());
+        self.progress_upgrade(format!("checking {}", exe.display()));
+        match spawn_upgrade_check(&exe) {
+            Ok((pid, output)) => {
+                self.upgrade_check = Some(UpgradeCheck {
+                    pid,
+                    output,
+                    deadline: clock::from_now(handover::CHECK_TIMEOUT),
+                })
+            }
+            Err(e) => self.refuse_upgrade(format!(
+                "upgrade refused: cannot run {} upgrade-check: {e}; the master carries on unchanged",
+                exe.display()
+            )),
+        }
+    }
+
+    pub(super) fn progress_upgrade(&mut self, message: String) {
+        let reply = Reply::progress(message);
+        for c in &mut self.conns {
+            if c.waiting == Some(Waiting::Upgrade) {
+                c.send(&reply);
+            }
+        }
+    }
+
+    /// The check child exited (reaped) or timed out (`status` = None).
+    pub(super) fn upgrade_checked(&mut self, status: Option<ExitStatus>) {
+        let Some(mut check) = self.upgrade_check.take() else {
+            return;
+        };
+        let exe = self.exe.display().to_string();
+        let mut output = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(&mut check.output, 4096), &mut output);
+        let said = String::from_utf8_lossy(&output).trim().replace('\n', " | ");
+        let said = if said.is_empty() { "no output".to_string() } else { said };
+        let failure = match status {
+            None => {
+                let _ = nix::sys::signal::killpg(check.pid, Signal::SIGKILL);
+                Some(format!(
+                    "{exe} upgrade-check did not answer within {}",
+                    humantime::format_duration(handover::CHECK_TIMEOUT)
+                ))
+            }
+            Some(st) if !st.success() => Some(format!("{exe} upgrade-check {st}: {said}")),
+            Some(_) if !said.starts_with("zdd ") => Some(format!("{exe} upgrade-check answered {said:?}")),
+            Some(_) => None,
+        };
+        if let Some(f) = failure {
+            return self.refuse_upgrade(format!("upgrade refused: {f}; the master carries on unchanged"));
+        }
+        // The loop went on while the check ran: a reload or stop may have begun meanwhile.
+        if let Some(why) = self.upgrade_refusal() {
+            return self.refuse_upgrade(format!("upgrade refused: {why}"));
+        }
+        info!(self.log, "upgrade: the new binary answered"; "answer" => &said);
+        self.progress_upgrade(said);
+        self.exec_upgrade();
+    }
+
+    /// Re-execute the master's binary in place, keeping sockets, workers and their pipes.
+    pub(super) fn exec_upgrade(&mut self) {
+        let from = self.conns.iter().position(|c| c.waiting == Some(Waiting::Upgrade));
+        let now = Instant::now();
+        let ms_left = |t: Instant| clock::ms(t.saturating_duration_since(now));
+        let mut all: Vec<Rc<Listener>> = Vec::new();
+        let mut index = |l: &Rc<Listener>| match all.iter().position(|x| Rc::ptr_eq(x, l)) {
+            Some(i) => i,
+            None => {
+                all.push(Rc::clone(l));
+                all.len() - 1
+            }
+        };
+        let current: Vec<usize> = self.listeners.iter().map(&mut index).collect();
+        let unix_ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, clock::ms);
+        let workers: Vec<handover::WorkerState> = self
+            .workers
+            .iter()
+            .filter(|w| w.state.is_alive())
+            .map(|w| {
+                use handover::WorkerPhase as P;
+                let (state, remaining_ms, ready_in_ms) = match w.state {
+                    State::Starting { deadline, ready_at } => {
+                        (P::Starting, Some(ms_left(deadline)), ready_at.map(ms_left))
+                    }
+                    State::Ready => (P::Ready, None, None),
+                    State::Stopping { kill_at } => (P::Stopping, Some(ms_left(kill_at)), None),
+                    State::Killed | State::Exited(_) => (P::Killed, None, None),
+                };
+                handover::WorkerState {
+                    pid: w.pid.as_raw(),
+                    generation: w.generation,
+                    slot: w.slot,
+                    state,
+                    remaining_ms,
+                    ready_in_ms,
+                    uptime_ms: clock::ms(w.started.elapsed()),
+                    started_wall_ms: unix_ms(w.started_wall),
+                    stop_signal: w.stop_signal as i32,
+                    stop_timeout_ms: clock::ms(w.stop_timeout),
+                    pipes: w
+                        .pipes
+                        .iter()
+                        .filter(|p| !p.is_eof())
+                        .map(|p| (stream_name(p.stream), p.raw_fd(), p.partial().to_vec()))
+                        .collect(),
+                    listeners: w.listeners.iter().map(&mut index).collect(),
+                    tail: w.tail.iter().cloned().collect(),
+                    status_text: w.status_text.clone(),
+                    cgroup: w.cgroup.as_ref().map(|c| c.path().to_path_buf()),
+                }
+            })
+            .collect();
+        let state = handover::State {
+            version: handover::STATE_VERSION,
+            from_version: env!("CARGO_PKG_VERSION").into(),
+            exe: self.exe.clone(),
+            config_path: self.config.path.clone(),
+            config_text: self.config.source.clone(),
+            generation: self.generation,
+            next_generation: self.next_generation,
+            attempt: self.attempt,
+            uptime_ms: clock::ms(self.started_at.elapsed()),
+            started_wall_ms: unix_ms(self.started_wall),
+            notify_fd: self.notify.raw_fd(),
+            control_fd: self.control.raw_fd(),
+            pid_file: self.pid_file.to_state(),
+            listeners: all
+                .iter()
+                .map(|l| {
+                    let (fd, addr, created, backlog) = l.to_state();
+                    handover::ListenerState {
+                        fd,
+                        addr,
+                        created,
+                        backlog,
+                    }
+                })
+                .collect(),
+            current,
+            workers,
+            slots: self
+                .slots
+                .iter()
+                .map(|s| handover::SlotState {
+                    failures: s.failures,
+                    restarts: s.restarts,
+                    restart_in_ms: s.restart_at.map(ms_left),
+                })
+                .collect(),
+            orphan_pipes: self
+                .orphan_pipes
+                .iter()
+                .map(|(pid, g, p)| (pid.as_raw(), *g, stream_name(p.stream), p.raw_fd()))
+                .collect(),
+            orphan_partials: self.orphan_pipes.iter().map(|(_, _, p)| p.partial().to_vec()).collect(),
+            reply_fd: from.map(|i| self.conns[i].raw_fd()),
+            worker_nofile: self.worker_nofile,
+            cgroups: self.cgroups.handover(),
+            config: Some(crate::config_state::ConfigState::from(&*self.config)),
+            notify_path: Some(self.notify.path().to_path_buf()),
+            control_path: Some(self.control.path().to_path_buf()),
+            log: None,
+        };
+        info!(self.log, "upgrading: re-executing the master"; "exe" => self.exe.display().to_string());
+        if let Some(i) = from {
+            self.conns[i].send(&Reply::progress(format!("re-executing {}", self.exe.display())));
+        }
+        // What the log has not taken yet is handed over, not waited for: taken last, so that
+        // it holds every record up to the exec.
+        self.sink.write_pending();
+        let mut state = state;
+        state.log = Some(self.sink.handover());
+        let reason = handover::exec(&state);
+        let msg = format!("upgrade failed: {reason}; the master carries on unchanged");
+        error!(self.log, "{}", msg);
+        self.finish_upgrade(Reply::err(msg, Value::Null));
+    }
+
+    /// The new image after an upgrade, first step: everything that can fail, before any
+    /// handed-over fd is taken over (so that a failure can still roll back to the old image
+    /// with every fd open): the running config, the log, the signal handlers.
+    pub(super) fn prepare_resume(state: &mut handover::State) -> Result<Resumed, String> {
+        if std::env::var_os(FAULT_ENV).is_some_and(|v| v == "resume") {
+            return Err(format!(
+                "{FAULT_ENV}=resume: failing the resume on purpose (fault injection)"
+            ));
+        }
+        let config = match &state.config {
+            Some(c) => c
+                .clone()
+                .into_config()
+                .map_err(|e| format!("the running config handed over: {e}"))?,
+            // Version 1: only the text was handed over.
+            None => config::parse(&state.config_path, &state.config_text).map_err(|e| e.to_string())?,
+        };
+        let signals = Signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
+        // Last: the log takes over its handed-over fd, and nothing may fail after that.
+        let (log, sink) = match state.log.take() {
+            Some(l) => crate::log::resume(l, config.master.log_format),
+            None => crate::log::build(&config.master.log, config.master.log_format)
+                .map_err(|e| format!("opening log {:?}: {}", config.master.log, describe_io(&e)))?,
+        };
+        Ok(Resumed {
+            config: Rc::new(config),
+            log,
+            sink,
+            signals,
+        })
+    }
+
+    /// The new image after an upgrade, second step: the same master, rebuilt around the fds it
+    /// was handed. Nothing here can fail.
+    pub(super) fn resume(state: handover::State, prepared: Resumed, rolled_back: Option<String>) -> Master {
+        let Resumed {
+            config,
+            log,
+            sink,
+            signals,
+        } = prepared;
+        let all: Vec<Rc<Listener>> = state
+            .listeners
+            .into_iter()
+            .map(|l| Rc::new(Listener::from_state(handover::own(l.fd), l.addr, l.created, l.backlog)))
+            .collect();
+        let now = Instant::now();
+        let wall = clock::wall_ms;
+        let workers = state
+            .workers
+            .into_iter()
+            .map(|w| {
+                use handover::WorkerPhase as P;
+                let state = match w.state {
+                    P::Starting => State::Starting {
+                        deadline: clock::after(now, Duration::from_millis(w.remaining_ms.unwrap_or(0))),
+                        ready_at: w.ready_in_ms.map(|ms| clock::after(now, Duration::from_millis(ms))),
+                    },
+                    P::Ready => State::Ready,
+                    P::Stopping => State::Stopping {
+                        kill_at: clock::after(now, Duration::from_millis(w.remaining_ms.unwrap_or(0))),
+                    },
+                    P::Killed => State::Killed,
+                };
+                Worker {
+                    pid: Pid::from_raw(w.pid),
+                    generation: w.generation,
+                    slot: w.slot,
+                    state,
+                    started: now.checked_sub(Duration::from_millis(w.uptime_ms)).unwrap_or(now),
+                    started_wall: wall(w.started_wall_ms),
+                    stop_signal: Signal::try_from(w.stop_signal).unwrap_or(Signal::SIGTERM),
+                    stop_timeout: Duration::from_millis(w.stop_timeout_ms),
+                    pipes: w
+                        .pipes
+                        .into_iter()
+                        .map(|(s, fd, partial)| Pipe::resume(handover::own(fd), stream_of(s), partial))
+                        .collect(),
+                    tail: w.tail.into_iter().collect(),
+                    status_text: w.status_text,
+                    listeners: w.listeners.iter().filter_map(|&i| all.get(i).cloned()).collect(),
+                    cgroup: w.cgroup.map(crate::worker::cgroup::WorkerCgroup::from_path),
+                }
+            })
+            .collect();
+        // The old image blocked the handled signals for the exec; our handlers are in place now.
+        // SAFETY: an empty sigset_t initialised by sigemptyset.
+        unsafe {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        }
+        let m = &config.master;
+        let (pid_fd, pid_path, pid_ino) = state.pid_file;
+        let mut conns = Vec::new();
+        if let Some(fd) = state.reply_fd {
+            conns.push(Conn::from_fd(handover::own(fd)));
+        }
+        // The sockets stay where they are bound, whatever [master] says now.
+        let notify_path = state.notify_path.clone().unwrap_or_else(|| m.notify_socket.clone());
+        let control_path = state.control_path.clone().unwrap_or_else(|| m.control_socket.clone());
+        let cgroups = crate::worker::cgroup::Cgroups::resume(&log, state.cgroups, &pid_path);
+        let mut master = Master {
+            cgroups,
+            notify: NotifyServer::from_fd(handover::own(state.notify_fd), &notify_path),
+            control: ControlServer::from_fd(handover::own(state.control_fd), &control_path),
+            pid_file: PidFile::from_state(handover::own(pid_fd), pid_path, pid_ino),
+            log,
+            lines: LineBatch::new(sink.clone(), config.master.log_format),
+            sink,
+            listeners: state.current.iter().filter_map(|&i| all.get(i).cloned()).collect(),
+            config,
+            generation: state.generation,
+            next_generation: state.next_generation,
+            workers,
+            slots: state
+                .slots
+                .into_iter()
+                .map(|s| Slot {
+                    ready_once: true,
+                    failures: s.failures,
+                    restarts: s.restarts,
+                    restart_at: s.restart_in_ms.map(|ms| clock::after(now, Duration::from_millis(ms))),
+                })
+                .collect(),
+            reload: None,
+            reload_again: false,
+            start_failure: None,
+            phase: Phase::Running,
+            exit_code: 0,
+            orphan_pipes: {
+                let mut partials = state.orphan_partials.into_iter();
+                state
+                    .orphan_pipes
+                    .into_iter()
+                    .map(|(pid, g, s, fd)| {
+                        let partial = partials.next().unwrap_or_default();
+                        (
+                            Pid::from_raw(pid),
+                            g,
+                            Pipe::resume(handover::own(fd), stream_of(s), partial),
+                        )
+                    })
+                    .collect()
+            },
+            signals,
+            started_at: now.checked_sub(Duration::from_millis(state.uptime_ms)).unwrap_or(now),
+            started_wall: wall(state.started_wall_ms),
+            attempt: state.attempt,
+            start_report: None,
+            exe: state.exe.clone(),
+            worker_nofile: state.worker_nofile,
+            control_paused_until: None,
+            upgrade_check: None,
+            systemd: SystemdNotifier::from_env(),
+            conns,
+        };
+        let alive = master.workers.len();
+        let pid = std::process::id();
+        let data = json!({ "pid": pid, "generation": master.generation });
+        let reply = match rolled_back {
+            Some(reason) => {
+                let message = format!(
+                    "upgrade failed: {reason}; rolled back to zdd {} (master pid {pid}, generation {} with {alive} worker{} kept)",
+                    env!("CARGO_PKG_VERSION"),
+                    master.generation,
+                    if alive == 1 { "" } else { "s" }
+                );
+                error!(master.log, "{}", message);
+                Reply::err(message, data)
+            }
+            None => {
+                info!(master.log, "upgraded: master re-executed";
+                    "from_version" => &state.from_version, "version" => env!("CARGO_PKG_VERSION"),
+                    "workers" => alive, "generation" => master.generation, "pid" => pid);
+                let message = format!(
+                    "upgraded: master pid {pid} now runs zdd {} (was {}); generation {} with {alive} worker{} kept",
+                    env!("CARGO_PKG_VERSION"),
+                    state.from_version,
+                    master.generation,
+                    if alive == 1 { "" } else { "s" }
+                );
+                Reply::ok(message, data)
+            }
+        };
+        for c in &mut master.conns {
+            c.send(&reply);
+        }
+        master
+    }
+}
+
+/// Set to `resume` to make the next upgraded image fail its resume (fault injection, for the
+/// rollback's tests; removed from the environment before the rollback's exec).
+pub const FAULT_ENV: &str = "ZDD_FAULT";
+
+/// What the fallible first step of a resume prepared.
+pub(super) struct Resumed {
+    config: Rc<Config>,
+    log: Logger,
+    sink: Sink,
+    signals: Signals,
+}
+
+fn stream_name(s: Stream) -> handover::StreamName {
+    match s {
+        Stream::Stdout => handover::StreamName::Stdout,
+        Stream::Stderr => handover::StreamName::Stderr,
+    }
+}
+
+fn stream_of(s: handover::StreamName) -> Stream {
+    match s {
+        handover::StreamName::Stdout => Stream::Stdout,
+        handover::StreamName::Stderr => Stream::Stderr,
+    }
+}
+
+/// Start `exe upgrade-check --state-version N` in its own process group, stdout and stderr to
+/// one pipe (read once it has exited). The master's reaping collects it.
+fn spawn_upgrade_check(exe: &Path) -> Result<(Pid, std::fs::File), String> {
+    use std::os::unix::process::CommandExt;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+        .map_err(|e| format!("pipe: {}", crate::errno::describe(e)))?;
+    let w2 = w.try_clone().map_err(|e| format!("dup: {}", describe_io(&e)))?;
+    let child = std::process::Command::new(exe)
+        .arg("upgrade-check")
+        .arg("--state-version")
+        .arg(handover::STATE_VERSION.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(w)
+        .stderr(w2)
+        .process_group(0)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .spawn()
+        .map_err(|e| describe_io(&e))?;
+    let pid = Pid::from_raw(child.id() as i32);
+    // Not waited for through `child`: the loop reaps every child.
+    drop(child);
+    Ok((pid, std::fs::File::from(r)))
+}
+
+/// The new image failed before it was in charge: back to the old one. Returns only if that
+/// is impossible, with the whole story.
+pub(super) fn roll_back(reason: &str, rollback: &handover::Rollback, fds: &[RawFd]) -> String {
+    eprintln!("zdd: upgrade failed: {reason}; rolling back to the previous binary");
+    std::env::remove_var(FAULT_ENV);
+    if !rollback.possible() {
+        return format!("resuming after a rolled-back upgrade failed too: {reason}");
+    }
+    let why = rollback.roll_back(reason, fds);
+    format!("upgrade failed: {reason}; and the rollback failed: {why}")
+}
