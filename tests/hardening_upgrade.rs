@@ -301,3 +301,39 @@ fn an_orphan_pipes_incomplete_line_survives_an_upgrade() {
     z.wait_msg("partial-line completed");
     z.stop();
 }
+
+#[test]
+fn two_upgrades_asked_at_once_both_hear_the_outcome() {
+    let port = free_port();
+    let z = Zdd::new(&daemon_config(port, &["--ready", "--serve"], ""));
+    let installed = start_from_copy(&z, &[]);
+    let before = status(&z);
+    // A new "version" whose check takes a second, so that the second request arrives while the
+    // first is under way.
+    let real = z.path("zdd-real");
+    std::fs::copy(zdd_bin(), &real).unwrap();
+    install(
+        &installed,
+        &format!(
+            "#!/bin/sh\n[ \"$1\" = upgrade-check ] && sleep 1\nexec {} \"$@\"\n",
+            real.display()
+        ),
+    );
+    let first = z
+        .command(&["upgrade"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the first upgrade's check to begin", DEADLINE, || {
+        z.log_text().contains("upgrade: checking the new binary").then_some(())
+    });
+    let second = zdd(&z, &["upgrade"]);
+    let first = first.wait_with_output().unwrap();
+    for o in [&first, &second] {
+        assert_eq!(o.status.code(), Some(0), "{}{}", stdout(o), stderr(o));
+        assert!(stdout(o).contains("upgraded: master pid"), "{}", stdout(o));
+    }
+    assert_eq!(status(&z)["pid"], before["pid"]);
+    stop(&z);
+}

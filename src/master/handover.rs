@@ -152,6 +152,9 @@ pub struct State {
     pub orphan_partials: Vec<Vec<u8>>,
     /// The control connection that asked for the upgrade, answered by the new image.
     pub reply_fd: Option<RawFd>,
+    /// Other control connections waiting for the same upgrade (version 2).
+    #[serde(default)]
+    pub more_reply_fds: Vec<RawFd>,
     /// The open-file limit the first image was started with (workers get it back).
     #[serde(default)]
     pub worker_nofile: Option<(u64, u64)>,
@@ -181,6 +184,7 @@ impl State {
         }
         v.extend(self.orphan_pipes.iter().map(|p| p.3));
         v.extend(self.reply_fd);
+        v.extend(self.more_reply_fds.iter().copied());
         v.extend(self.log.as_ref().and_then(|l| l.fd));
         v
     }

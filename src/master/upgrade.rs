@@ -207,6 +207,13 @@ impl Master {
                 .collect(),
             orphan_partials: self.orphan_pipes.iter().map(|(_, _, p)| p.partial().to_vec()).collect(),
             reply_fd: from.map(|i| self.conns[i].raw_fd()),
+            more_reply_fds: self
+                .conns
+                .iter()
+                .enumerate()
+                .filter(|(i, c)| Some(*i) != from && c.waiting == Some(Waiting::Upgrade))
+                .map(|(_, c)| c.raw_fd())
+                .collect(),
             worker_nofile: self.worker_nofile,
             cgroups: self.cgroups.handover(),
             config: Some(crate::config_state::ConfigState::from(&*self.config)),
@@ -324,7 +331,7 @@ impl Master {
         let m = &config.master;
         let (pid_fd, pid_path, pid_ino) = state.pid_file;
         let mut conns = Vec::new();
-        if let Some(fd) = state.reply_fd {
+        for &fd in state.reply_fd.iter().chain(&state.more_reply_fds) {
             conns.push(Conn::from_fd(handover::own(fd)));
         }
         // The sockets stay where they are bound, whatever [master] says now.
