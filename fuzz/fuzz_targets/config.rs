@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 
 // zdd has no library target: include the modules themselves.
 #[allow(dead_code, unused_imports)]
-#[path = "../../src/config.rs"]
+#[path = "../../src/config/mod.rs"]
 mod config;
 #[allow(dead_code, unused_imports)]
 #[path = "../../src/errno.rs"]

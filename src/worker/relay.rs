@@ -5,7 +5,7 @@
 //! No line is lost: a pipe is read until EOF, also after its worker has exited (the master
 //! drains the pipes of a reaped worker before it judges the exit, so the failure report has
 //! the last lines). The read end is non-blocking and read in bounded chunks so that one chatty
-//! worker cannot starve the event loop. The log never blocks the master (src/log.rs): what it
+//! worker cannot starve the event loop. The log never blocks the master (src/log/): what it
 //! does not take is kept pending, and while that is full the master stops reading the pipes,
 //! so that a slow log sink slows the worker through its full pipe: back-pressure, never loss.
 //! A pipe that outlives its worker and the master's stop has its last unfinished line logged

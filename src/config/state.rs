@@ -319,7 +319,7 @@ mod tests {
     use super::*;
     use crate::config;
 
-    /// Every key of the file, as in config.rs's `every_key_is_read`; root exists everywhere.
+    /// Every key of the file, as in config/tests.rs's `every_key_is_read`; root exists everywhere.
     const EVERY_KEY: &str = r#"
 [master]
 pid_file = "run/app.pid"

@@ -1,0 +1,341 @@
+//! Configuration: the TOML file of spec §2, parsed into raw serde structs and then validated
+//! into a [`Config`] that the rest of zdd trusts.
+//!
+//! `zdd check` and `zdd start` (and every reload) go through the same [`load`] function, so a
+//! file that `check` accepts is exactly a file that `start` accepts. Every error carries
+//! `file:line:column`, the key it is about and what was wrong; unknown keys are errors.
+//!
+//! Relative paths in the file (pid_file, control_socket, log, cwd, unix listeners) are resolved
+//! against the directory that holds the config file, so a config means the same thing whatever
+//! directory `zdd` is run from.
+//!
+//! Validation has two layers, chosen by [`Checks`]. The text alone (types, ranges, bounded
+//! durations and argv, listeners that cannot all be bound) is checked everywhere, including by
+//! an upgraded master re-reading the text it ran with. On top of that, [`load`] checks the file
+//! against the host the way `start` would meet it: the worker's program resolves in PATH and is
+//! executable, `cwd` is a directory, rlimits can be granted, the log is not a directory, the
+//! runtime directory is trusted. A reload checks only what it uses (the worker's part).
+//!
+//! The parts, in the order a file goes through them:
+//! - `raw.rs`: what serde reads (the `Raw*` structs, spans kept), and [`Source`],
+//!   which places an error at `file:line:column`.
+//! - `validate.rs`: the `Validator`, raw values → the types below, one key at a time.
+//! - `checks.rs`: what is checked against the host ([`Checks`]): the program, cwd, rlimits,
+//!   the log path, the runtime directory, user and group look-ups.
+//! - `state.rs`: the validated config as plain data, for the upgrade hand-over.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::resource::Resource;
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Uid};
+use serde::Deserialize;
+
+mod checks;
+mod raw;
+pub mod state;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+pub(crate) use checks::rlimit_resource;
+pub use checks::{check_runtime_dir, find_program, Checks};
+use raw::{deserialize, RawConfig, RawMasterOnly, Source};
+use validate::{tcp_overlap, Validator};
+
+/// The longest duration any setting accepts (start_timeout, stop_timeout, ready_delay): 24
+/// hours. Anything longer is a typo; bounding it here also keeps every deadline the master
+/// computes (`Instant + Duration`) far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+/// The longest single argument or environment entry the kernel passes to exec
+/// (MAX_ARG_STRLEN, 32 pages, including the terminating NUL).
+pub const MAX_ARG_LEN: usize = 32 * 4096 - 1;
+/// The worker's argv plus its configured environment, counted as exec counts them (each string
+/// with its NUL and its pointer): at most 1 MiB, half of the usual ARG_MAX, so that the
+/// inherited environment still fits.
+pub const MAX_ARGS_TOTAL: usize = 1024 * 1024;
+/// A config error message is cut beyond this, so that no input is echoed whole.
+const MAX_MESSAGE: usize = 1024;
+/// A value quoted in an error message is cut beyond this.
+const MAX_SHOWN: usize = 64;
+
+/// A config error, printed as `file:line:column: key: message`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read config: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{file}:{line}:{col}: {key}{sep}{msg}", sep = if key.is_empty() { "" } else { ": " })]
+    Invalid {
+        file: String,
+        line: usize,
+        col: usize,
+        key: String,
+        msg: String,
+    },
+}
+
+/// Where the master writes its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    Stderr,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterConfig {
+    pub pid_file: PathBuf,
+    pub control_socket: PathBuf,
+    /// The master's own NOTIFY_SOCKET for its workers; beside the control socket.
+    pub notify_socket: PathBuf,
+    pub log: LogTarget,
+    pub log_format: LogFormat,
+    pub max_draining: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    Notify,
+    Delay(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    Always,
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compat {
+    Einhorn,
+    ServerStarter,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: Option<String>,
+    pub uid: Uid,
+    pub gid: Gid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    pub command: Vec<String>,
+    pub cwd: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+    /// Set when `user` or `group` is configured.
+    pub credentials: Option<Credentials>,
+    pub count: usize,
+    pub ready: Ready,
+    pub start_timeout: Duration,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    pub restart: Restart,
+    pub umask: Option<u32>,
+    pub compat: Vec<Compat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: Resource,
+    pub name: &'static str,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+    /// Linux abstract namespace, written `@name` in the config.
+    Abstract(String),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "{}", p.display()),
+            ListenAddr::Abstract(n) => write!(f, "@{n}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenConfig {
+    pub name: String,
+    pub addr: ListenAddr,
+    pub backlog: i32,
+    pub mode: Option<u32>,
+    pub owner: Option<Uid>,
+    pub group: Option<Gid>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub path: PathBuf,
+    /// The text this config was read from: an upgraded master re-reads exactly this.
+    pub source: String,
+    pub master: MasterConfig,
+    pub worker: WorkerConfig,
+    pub rlimits: Vec<Rlimit>,
+    pub listen: Vec<ListenConfig>,
+}
+
+/// Read, parse and validate a config file, and check it against the host as `start` will
+/// meet it: the one function behind `zdd check` and `zdd start`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, Checks::Start)
+}
+
+/// Read, parse and validate a config file with the given depth of checks.
+pub fn load_with(path: &Path, checks: Checks) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
+        source,
+    })?;
+    parse_with(path, &text, checks)
+}
+
+/// Parse and validate config text alone; `path` names the file in errors and anchors relative
+/// paths.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_with(path, text, Checks::Text)
+}
+
+/// Parse and validate config text, with `checks` against the host.
+pub fn parse_with(path: &Path, text: &str, checks: Checks) -> Result<Config, ConfigError> {
+    let src = Source {
+        file: path.display().to_string(),
+        text,
+    };
+    let raw: RawConfig = deserialize(&src)?;
+    let (base, stem) = anchors(path);
+    let v = Validator {
+        src: &src,
+        base: &base,
+        checks,
+    };
+
+    let master = v.master(&raw.master, &stem)?;
+    let Some(worker) = &raw.worker else {
+        return Err(src.err(0..0, "worker", "missing table [worker] (it needs at least `command`)"));
+    };
+    let worker = v.worker(worker)?;
+    let rlimits = raw
+        .rlimits
+        .iter()
+        .map(|(name, value)| v.rlimit(name, value, &worker))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut listen: Vec<ListenConfig> = Vec::with_capacity(raw.listen.len());
+    let mut names = HashSet::new();
+    let mut addrs = HashSet::new();
+    for entry in &raw.listen {
+        let l = v.listen(entry)?;
+        if !names.insert(l.name.clone()) {
+            return Err(src.err(
+                entry.get_ref().name.span(),
+                "listen.name",
+                format!("duplicate listener name {}", shown(&l.name)),
+            ));
+        }
+        if !addrs.insert(l.addr.clone()) {
+            return Err(src.err(entry.span(), "listen", format!("address {} is listed twice", l.addr)));
+        }
+        if let ListenAddr::Tcp(a) = &l.addr {
+            let other = listen.iter().find_map(|o| match &o.addr {
+                ListenAddr::Tcp(b) if tcp_overlap(a, b) => Some((o, b)),
+                _ => None,
+            });
+            if let Some((o, b)) = other {
+                return Err(src.err(
+                    entry.span(),
+                    "listen",
+                    format!(
+                        "address {a} overlaps {b} of listener {}: a wildcard address already takes \
+                         port {} for every address of its family, so the second bind would fail \
+                         (EADDRINUSE); keep only one of them",
+                        shown(&o.name),
+                        a.port()
+                    ),
+                ));
+            }
+        }
+        listen.push(l);
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        source: text.to_string(),
+        master,
+        worker,
+        rlimits,
+        listen,
+    })
+}
+
+/// The directory relative paths are resolved against, and the config's stem.
+fn anchors(path: &Path) -> (PathBuf, String) {
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let base = std::fs::canonicalize(&base).unwrap_or(base);
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "zdd".into());
+    (base, stem)
+}
+
+pub fn load_master(path: &Path) -> Result<MasterConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
+        source,
+    })?;
+    let src = Source {
+        file: path.display().to_string(),
+        text: &text,
+    };
+    let raw: RawMasterOnly = deserialize(&src)?;
+    let (base, stem) = anchors(path);
+    Validator {
+        src: &src,
+        base: &base,
+        checks: Checks::Text,
+    }
+    .master(&raw.master, &stem)
+}
+
+/// `s` quoted, cut to [`MAX_SHOWN`] bytes: no value is ever echoed whole in an error.
+fn shown(s: &str) -> String {
+    if s.len() <= MAX_SHOWN {
+        return format!("{s:?}");
+    }
+    format!("{:?}… ({} bytes)", &s[..floor_char_boundary(s, MAX_SHOWN)], s.len())
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), saying how long it was.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    format!("{}… ({} bytes in all)", &s[..floor_char_boundary(s, max)], s.len())
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}

@@ -1,0 +1,316 @@
+//! Unit tests of the config loader: parsing, validation, error placement, host checks.
+
+use std::os::unix::fs::PermissionsExt;
+
+use super::validate::{parse_signal, tcp_overlap};
+use super::*;
+
+fn p(text: &str) -> Result<Config, ConfigError> {
+    parse(Path::new("/etc/zdd/app.toml"), text)
+}
+
+fn err(text: &str) -> String {
+    p(text).unwrap_err().to_string()
+}
+
+const MIN: &str = "[worker]\ncommand = [\"/bin/true\"]\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:8080\"\n";
+
+#[test]
+fn smallest_file_gets_defaults() {
+    let c = p(MIN).unwrap();
+    assert_eq!(c.worker.count, 1);
+    assert_eq!(c.worker.ready, Ready::Notify);
+    assert_eq!(c.worker.start_timeout, Duration::from_secs(60));
+    assert_eq!(c.worker.stop_timeout, Duration::from_secs(30));
+    assert_eq!(c.worker.stop_signal, Signal::SIGTERM);
+    assert_eq!(c.worker.restart, Restart::Always);
+    assert_eq!(c.master.log, LogTarget::Stderr);
+    assert_eq!(c.master.max_draining, 2);
+    assert_eq!(c.listen[0].backlog, nix::libc::SOMAXCONN);
+    assert_eq!(c.master.pid_file.file_name().unwrap(), "app.pid");
+    assert_eq!(c.master.control_socket.file_name().unwrap(), "app.sock");
+}
+
+#[test]
+fn every_key_is_read() {
+    let c = p(r#"
+[master]
+pid_file = "run/app.pid"
+control_socket = "/tmp/x/app.sock"
+log = "/var/log/zdd.log"
+log_format = "json"
+max_draining = 3
+[worker]
+command = ["/bin/sh", "-c", "exit 0"]
+cwd = "/srv"
+env = { A = "1", B = "two" }
+user = "0"
+group = "0"
+count = 4
+ready = "delay"
+ready_delay = "250ms"
+start_timeout = "1m30s"
+stop_signal = "QUIT"
+stop_timeout = "5s"
+restart = "on-failure"
+umask = "0027"
+compat = ["einhorn", "server_starter"]
+[rlimits]
+nofile = 4096
+core = { soft = 0, hard = "infinity" }
+[[listen]]
+name = "http"
+tcp = "[::1]:8080"
+backlog = 511
+[[listen]]
+name = "admin"
+unix = "admin.sock"
+mode = "0660"
+owner = "0"
+group = "0"
+[[listen]]
+name = "abs"
+unix = "@zdd-test"
+"#)
+    .unwrap();
+    assert_eq!(c.master.pid_file, PathBuf::from("/etc/zdd/run/app.pid"));
+    assert_eq!(c.master.notify_socket, PathBuf::from("/tmp/x/app.notify"));
+    assert_eq!(c.master.log_format, LogFormat::Json);
+    assert_eq!(c.master.max_draining, 3);
+    assert_eq!(c.worker.env, vec![("A".into(), "1".into()), ("B".into(), "two".into())]);
+    assert_eq!(c.worker.count, 4);
+    assert_eq!(c.worker.ready, Ready::Delay(Duration::from_millis(250)));
+    assert_eq!(c.worker.start_timeout, Duration::from_secs(90));
+    assert_eq!(c.worker.stop_signal, Signal::SIGQUIT);
+    assert_eq!(c.worker.restart, Restart::OnFailure);
+    assert_eq!(c.worker.umask, Some(0o027));
+    assert_eq!(c.worker.compat, vec![Compat::Einhorn, Compat::ServerStarter]);
+    assert_eq!(c.worker.credentials.as_ref().unwrap().uid, Uid::from_raw(0));
+    assert_eq!(c.rlimits.len(), 2);
+    let core = c.rlimits.iter().find(|r| r.name == "core").unwrap();
+    assert_eq!((core.soft, core.hard), (0, nix::libc::RLIM_INFINITY));
+    assert_eq!(c.listen[0].addr, ListenAddr::Tcp("[::1]:8080".parse().unwrap()));
+    assert_eq!(c.listen[0].backlog, 511);
+    assert_eq!(c.listen[1].addr, ListenAddr::Unix("/etc/zdd/admin.sock".into()));
+    assert_eq!(c.listen[1].mode, Some(0o660));
+    assert_eq!(c.listen[2].addr, ListenAddr::Abstract("zdd-test".into()));
+}
+
+#[test]
+fn unknown_key_names_key_and_position() {
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\ncuont = 2\n");
+    assert!(e.starts_with("/etc/zdd/app.toml:3:1: "), "{e}");
+    assert!(e.contains("unknown field `cuont`"), "{e}");
+}
+
+#[test]
+fn unknown_table_is_rejected() {
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\n[mastr]\nlog = \"stderr\"\n");
+    assert!(e.contains("unknown field `mastr`"), "{e}");
+}
+
+#[test]
+fn type_error_names_key() {
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\ncount = \"two\"\n");
+    assert!(e.starts_with("/etc/zdd/app.toml:3:9: worker.count: "), "{e}");
+}
+
+#[test]
+fn bad_values_are_rejected_with_key() {
+    let cases = [
+        ("count = 0", "worker.count", "3:9"),
+        ("ready = \"soon\"", "worker.ready", "3:9"),
+        ("stop_timeout = \"5 parsecs\"", "worker.stop_timeout", "3:16"),
+        ("stop_signal = \"NOPE\"", "worker.stop_signal", "3:15"),
+        ("restart = \"sometimes\"", "worker.restart", "3:11"),
+        ("umask = \"999\"", "worker.umask", "3:9"),
+        ("user = \"no-such-user-zdd\"", "worker.user", "3:8"),
+        ("compat = [\"inetd\"]", "worker.compat", "3:11"),
+        ("ready_delay = \"1s\"", "worker.ready_delay", "3:15"),
+    ];
+    for (line, key, pos) in cases {
+        let e = err(&format!("[worker]\ncommand = [\"/bin/true\"]\n{line}\n"));
+        assert!(
+            e.starts_with(&format!("/etc/zdd/app.toml:{pos}: {key}: ")),
+            "{line}: {e}"
+        );
+    }
+}
+
+#[test]
+fn bad_listeners_are_rejected() {
+    let cases = [
+        ("name = \"a:b\"\ntcp = \"127.0.0.1:1\"", "listen.name"),
+        ("name = \"a\"\ntcp = \"localhost\"", "listen.tcp"),
+        ("name = \"a\"", "listen"),
+        ("name = \"a\"\ntcp = \"127.0.0.1:1\"\nunix = \"/x\"", "listen"),
+        ("name = \"a\"\ntcp = \"127.0.0.1:1\"\nmode = \"0600\"", "listen.mode"),
+        ("name = \"a\"\nunix = \"/x\"\nmode = \"9\"", "listen.mode"),
+        ("name = \"a\"\ntcp = \"127.0.0.1:1\"\nbacklog = 0", "listen.backlog"),
+    ];
+    for (body, key) in cases {
+        let e = err(&format!("[worker]\ncommand = [\"/bin/true\"]\n[[listen]]\n{body}\n"));
+        assert!(e.contains(&format!(": {key}: ")), "{body}: {e}");
+    }
+}
+
+#[test]
+fn duplicate_names_and_addresses_are_rejected() {
+    let e = err(&format!("{MIN}[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:8081\"\n"));
+    assert!(e.contains("duplicate listener name \"http\""), "{e}");
+    let e = err(&format!(
+        "{MIN}[[listen]]\nname = \"other\"\ntcp = \"127.0.0.1:8080\"\n"
+    ));
+    assert!(e.contains("listed twice"), "{e}");
+}
+
+#[test]
+fn missing_worker_or_command() {
+    assert!(err("[[listen]]\nname = \"a\"\ntcp = \"127.0.0.1:1\"\n").contains("missing table [worker]"));
+    assert!(err("[worker]\ncwd = \"/\"\n").contains("missing field `command`"));
+    assert!(err("[worker]\ncommand = []\n").contains("worker.command"));
+}
+
+#[test]
+fn rlimit_errors() {
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\n[rlimits]\nfiles = 5\n");
+    assert!(e.contains("rlimits.files: unknown resource"), "{e}");
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\n[rlimits]\nnofile = { soft = 10, hard = 5 }\n");
+    assert!(e.contains("above hard limit"), "{e}");
+}
+
+#[test]
+fn master_alone_is_read_from_an_otherwise_invalid_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.toml");
+    std::fs::write(&path, "[master]\ncontrol_socket = \"c.sock\"\n[worker]\ncount = 0\n").unwrap();
+    assert!(load(&path).is_err());
+    let m = load_master(&path).unwrap();
+    assert_eq!(m.control_socket, dir.path().canonicalize().unwrap().join("c.sock"));
+    std::fs::write(&path, "[master]\ncontrol_sock = \"c.sock\"\n").unwrap();
+    assert!(load_master(&path)
+        .unwrap_err()
+        .to_string()
+        .contains("unknown field `control_sock`"));
+}
+
+#[test]
+fn syntax_error_has_position() {
+    let e = err("[worker\ncommand = 1\n");
+    assert!(e.starts_with("/etc/zdd/app.toml:1:"), "{e}");
+}
+
+#[test]
+fn durations_are_bounded() {
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\nstart_timeout = \"500000000000y\"\n");
+    assert!(
+        e.starts_with(
+            "/etc/zdd/app.toml:3:17: worker.start_timeout: \"500000000000y\" is longer than the maximum of 24h"
+        ),
+        "{e}"
+    );
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\nstart_timeout = \"0s\"\n");
+    assert!(e.contains("worker.start_timeout: must be longer than 0s"), "{e}");
+    let c = p("[worker]\ncommand = [\"/bin/true\"]\nstart_timeout = \"24h\"\nstop_timeout = \"0s\"\n").unwrap();
+    assert_eq!(c.worker.start_timeout, MAX_DURATION);
+    assert_eq!(c.worker.stop_timeout, Duration::ZERO);
+}
+
+#[test]
+fn argv_is_bounded_and_never_echoed() {
+    let big = "x".repeat(MAX_ARG_LEN + 1);
+    let e = err(&format!("[worker]\ncommand = [\"/bin/true\", \"{big}\"]\n"));
+    assert!(e.contains("argument 1 is 131072 bytes long"), "{e}");
+    assert!(e.len() < 300, "{e}");
+    let e = err(&format!(
+        "[worker]\ncommand = [\"/bin/true\"]\nenv = {{ A = \"{big}\" }}\n"
+    ));
+    assert!(e.contains("worker.env: \"A\" is 131074 bytes long"), "{e}");
+    let e = err(&format!("[worker]\ncommand = [\"/bin/true\"]\nready = \"{big}\"\n"));
+    assert!(
+        e.contains("got \"xxxxx") && e.contains("… (131072 bytes)") && e.len() < 300,
+        "{e}"
+    );
+}
+
+#[test]
+fn error_messages_are_cut() {
+    assert_eq!(shown("abc"), "\"abc\"");
+    let long = "é".repeat(100);
+    let s = shown(&long);
+    assert!(s.ends_with("… (200 bytes)") && s.len() < 100, "{s}");
+    assert_eq!(cut("short", 10), "short");
+    assert!(cut(&long, 5).starts_with("éé…"));
+}
+
+#[test]
+fn wildcards_overlap_the_addresses_they_cover() {
+    let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+    assert!(tcp_overlap(&a("0.0.0.0:80"), &a("127.0.0.1:80")));
+    assert!(tcp_overlap(&a("127.0.0.1:80"), &a("0.0.0.0:80")));
+    assert!(tcp_overlap(&a("[::]:80"), &a("0.0.0.0:80")));
+    assert!(tcp_overlap(&a("[::1]:80"), &a("[::]:80")));
+    assert!(tcp_overlap(&a("[::]:80"), &a("10.0.0.1:80")));
+    assert!(!tcp_overlap(&a("0.0.0.0:80"), &a("[::1]:80")));
+    assert!(!tcp_overlap(&a("0.0.0.0:80"), &a("127.0.0.1:81")));
+    assert!(!tcp_overlap(&a("127.0.0.1:80"), &a("127.0.0.2:80")));
+    assert!(!tcp_overlap(&a("0.0.0.0:0"), &a("127.0.0.1:0")));
+    let e = err(&format!("{MIN}[[listen]]\nname = \"all\"\ntcp = \"0.0.0.0:8080\"\n"));
+    assert!(
+        e.contains("6:1: listen: address 0.0.0.0:8080 overlaps 127.0.0.1:8080 of listener \"http\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn text_checks_leave_the_host_alone_and_host_checks_do_not() {
+    let text = "[worker]\ncommand = [\"/nonexistent/zdd-server\"]\ncwd = \"/nonexistent\"\n";
+    assert!(p(text).is_ok());
+    let e = parse_with(Path::new("/etc/zdd/app.toml"), text, Checks::Reload)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("worker.cwd: /nonexistent: no such file or directory (ENOENT)"),
+        "{e}"
+    );
+    let text = "[worker]\ncommand = [\"/nonexistent/zdd-server\"]\n";
+    let e = parse_with(Path::new("/etc/zdd/app.toml"), text, Checks::Reload)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("2:11: worker.command: /nonexistent/zdd-server: no such file or directory (ENOENT)"),
+        "{e}"
+    );
+    // A reload does not judge the [master] settings it does not apply.
+    let text = "[master]\nlog = \"/nonexistent/dir/zdd.log\"\n[worker]\ncommand = [\"/bin/true\"]\n";
+    assert!(parse_with(Path::new("/etc/zdd/app.toml"), text, Checks::Reload).is_ok());
+    let e = parse_with(Path::new("/etc/zdd/app.toml"), text, Checks::Start)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("master.log: directory /nonexistent/dir: no such file"),
+        "{e}"
+    );
+}
+
+#[test]
+fn runtime_dir_must_be_ours_and_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(check_runtime_dir(dir.path()).is_ok());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = check_runtime_dir(dir.path()).unwrap_err();
+    assert!(e.contains("is writable by others") && e.contains("mode 0777"), "{e}");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(check_runtime_dir(dir.path()).is_ok());
+    let file = dir.path().join("f");
+    std::fs::write(&file, "").unwrap();
+    assert!(check_runtime_dir(&file).unwrap_err().contains("is not a directory"));
+}
+
+#[test]
+fn signals_parse_in_every_spelling() {
+    assert_eq!(parse_signal("term").unwrap(), Signal::SIGTERM);
+    assert_eq!(parse_signal("SIGINT").unwrap(), Signal::SIGINT);
+    assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
+    assert!(parse_signal("FOO").is_err());
+}

@@ -1,0 +1,548 @@
+//! The [`Validator`]: raw values (`raw.rs`) → the validated types of the parent module, one
+//! key at a time, every error placed at the value it is about. What it checks against the host
+//! beyond the text is in `checks.rs`, and done only as deep as [`Checks`] asks.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Uid;
+use toml::Spanned;
+
+use super::checks::{
+    check_cwd, check_log_path, check_program, check_rlimit, check_runtime_dir, default_runtime_dir, lookup_group,
+    lookup_user, rlimit_resource, Checks, RLIMIT_NAMES,
+};
+use super::raw::{LimitValue, Octal, RawLimit, RawListen, RawMaster, RawWorker, Source};
+use super::{
+    cut, shown, Compat, ConfigError, Credentials, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig, Ready,
+    Restart, Rlimit, WorkerConfig, MAX_ARGS_TOTAL, MAX_ARG_LEN, MAX_DURATION, MAX_SHOWN,
+};
+
+pub(super) struct Validator<'a> {
+    pub(super) src: &'a Source<'a>,
+    pub(super) base: &'a Path,
+    pub(super) checks: Checks,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| {
+        format!(
+            "invalid duration {}: {e} (examples: \"250ms\", \"30s\", \"1m30s\")",
+            shown(s)
+        )
+    })
+}
+
+/// Whether two tcp listeners cannot both be bound: the same port, one of them a wildcard
+/// covering the other (`0.0.0.0` covers every IPv4 address; `[::]`, dual-stack as zdd binds it,
+/// covers every address of both families). Port 0 asks for a fresh port and never collides.
+pub(super) fn tcp_overlap(a: &SocketAddr, b: &SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 || a == b {
+        return false;
+    }
+    let v6_any = |x: &SocketAddr| x.is_ipv6() && x.ip().is_unspecified();
+    if v6_any(a) || v6_any(b) {
+        return true;
+    }
+    a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// Parse a signal name: `TERM`, `SIGTERM` or a number.
+pub fn parse_signal(s: &str) -> Result<Signal, String> {
+    let up = s.trim().to_ascii_uppercase();
+    if let Ok(n) = up.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| format!("unknown signal number {n}"));
+    }
+    let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+    name.parse::<Signal>()
+        .map_err(|_| format!("unknown signal {}", shown(s)))
+}
+
+impl Validator<'_> {
+    fn err(&self, span: Range<usize>, key: &str, msg: impl Into<String>) -> ConfigError {
+        self.src.err(span, key, msg)
+    }
+
+    fn path(&self, s: &str) -> PathBuf {
+        let p = Path::new(s);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn nonempty_path(&self, v: &Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {
+        if v.get_ref().is_empty() || v.get_ref().contains('\0') {
+            return Err(self.err(v.span(), key, "must be a non-empty path"));
+        }
+        Ok(self.path(v.get_ref()))
+    }
+
+    /// A duration of at most [`MAX_DURATION`], and above zero if `nonzero`.
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+        nonzero: bool,
+    ) -> Result<Duration, ConfigError> {
+        let Some(s) = v else { return Ok(default) };
+        let d = parse_duration(s.get_ref()).map_err(|m| self.err(s.span(), key, m))?;
+        if d > MAX_DURATION {
+            return Err(self.err(
+                s.span(),
+                key,
+                format!("{} is longer than the maximum of 24h", shown(s.get_ref())),
+            ));
+        }
+        if nonzero && d.is_zero() {
+            return Err(self.err(s.span(), key, "must be longer than 0s"));
+        }
+        Ok(d)
+    }
+
+    fn octal(&self, v: &Spanned<Octal>, key: &str, max: u32) -> Result<u32, ConfigError> {
+        let n = match v.get_ref() {
+            Octal::Text(s) => u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|_| {
+                self.err(
+                    v.span(),
+                    key,
+                    format!("{} is not an octal number such as \"0660\"", shown(s)),
+                )
+            })?,
+            Octal::Int(i) => u32::try_from(*i).map_err(|_| self.err(v.span(), key, "must not be negative"))?,
+        };
+        if n > max {
+            return Err(self.err(v.span(), key, format!("{n:o} is larger than {max:o}")));
+        }
+        Ok(n)
+    }
+
+    pub(super) fn master(&self, m: &RawMaster, stem: &str) -> Result<MasterConfig, ConfigError> {
+        let control_socket = match &m.control_socket {
+            Some(s) => self.nonempty_path(s, "master.control_socket")?,
+            None => default_runtime_dir().join(format!("{stem}.sock")),
+        };
+        let dir = control_socket.parent().map(Path::to_path_buf).unwrap_or_default();
+        let sock_stem = control_socket
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| stem.to_string());
+        let pid_file = match &m.pid_file {
+            Some(s) => self.nonempty_path(s, "master.pid_file")?,
+            None => dir.join(format!("{sock_stem}.pid")),
+        };
+        let notify_socket = dir.join(format!("{sock_stem}.notify"));
+        // sockaddr_un holds 108 bytes including the terminating NUL.
+        for (p, key) in [
+            (&control_socket, "master.control_socket"),
+            (&notify_socket, "master.control_socket"),
+        ] {
+            if p.as_os_str().len() > 107 {
+                let span = m.control_socket.as_ref().map_or(0..0, |s| s.span());
+                return Err(self.err(
+                    span,
+                    key,
+                    format!("socket path {} is longer than 107 bytes", p.display()),
+                ));
+            }
+        }
+        let log = match &m.log {
+            None => LogTarget::Stderr,
+            Some(s) if s.get_ref() == "stderr" => LogTarget::Stderr,
+            Some(s) => {
+                let path = self.nonempty_path(s, "master.log")?;
+                if self.checks >= Checks::Start {
+                    check_log_path(&path).map_err(|msg| self.err(s.span(), "master.log", msg))?;
+                }
+                LogTarget::File(path)
+            }
+        };
+        if self.checks >= Checks::Start {
+            // Only a directory that exists can be judged here; `start` creates a missing one
+            // and judges it then.
+            for (p, key, given) in [
+                (&pid_file, "master.pid_file", &m.pid_file),
+                (&control_socket, "master.control_socket", &m.control_socket),
+            ] {
+                if let Some(dir) = p.parent().filter(|d| d.exists()) {
+                    // A default path derives from control_socket's: name that key then.
+                    let (span, key) = match (given, &m.control_socket) {
+                        (Some(s), _) => (s.span(), key),
+                        (None, Some(s)) => (s.span(), "master.control_socket"),
+                        (None, None) => (0..0, "master.control_socket"),
+                    };
+                    check_runtime_dir(dir).map_err(|msg| self.err(span, key, msg))?;
+                }
+            }
+        }
+        let log_format = match m.log_format.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("text", _)) => LogFormat::Text,
+            Some(("json", _)) => LogFormat::Json,
+            Some((other, span)) => {
+                return Err(self.err(
+                    span,
+                    "master.log_format",
+                    format!("expected \"text\" or \"json\", got {}", shown(other)),
+                ))
+            }
+        };
+        let max_draining = match &m.max_draining {
+            None => 2,
+            Some(n) => usize::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or_else(|| self.err(n.span(), "master.max_draining", "must be at least 1"))?,
+        };
+        Ok(MasterConfig {
+            pid_file,
+            control_socket,
+            notify_socket,
+            log,
+            log_format,
+            max_draining,
+        })
+    }
+
+    pub(super) fn worker(&self, w: &Spanned<RawWorker>) -> Result<WorkerConfig, ConfigError> {
+        let w = w.get_ref();
+        let command = w.command.get_ref().clone();
+        if command.is_empty() || command[0].is_empty() {
+            return Err(self.err(
+                w.command.span(),
+                "worker.command",
+                "must name a program: [\"/path/to/server\", \"arg\", ...]",
+            ));
+        }
+        if command.iter().any(|a| a.contains('\0')) {
+            return Err(self.err(
+                w.command.span(),
+                "worker.command",
+                "arguments must not contain NUL bytes",
+            ));
+        }
+        if let Some((i, a)) = command.iter().enumerate().find(|(_, a)| a.len() > MAX_ARG_LEN) {
+            return Err(self.err(
+                w.command.span(),
+                "worker.command",
+                format!(
+                    "argument {i} is {} bytes long; exec takes at most {MAX_ARG_LEN} bytes per argument",
+                    a.len()
+                ),
+            ));
+        }
+        let cwd = w
+            .cwd
+            .as_ref()
+            .map(|c| self.nonempty_path(c, "worker.cwd"))
+            .transpose()?;
+        let mut env = Vec::with_capacity(w.env.len());
+        for (k, v) in &w.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.get_ref().contains('\0') {
+                return Err(self.err(
+                    v.span(),
+                    "worker.env",
+                    format!("invalid environment variable {}", shown(k)),
+                ));
+            }
+            if k.len() + 1 + v.get_ref().len() > MAX_ARG_LEN {
+                return Err(self.err(
+                    v.span(),
+                    "worker.env",
+                    format!(
+                        "{} is {} bytes long; exec takes at most {MAX_ARG_LEN} bytes per variable",
+                        shown(k),
+                        k.len() + 1 + v.get_ref().len()
+                    ),
+                ));
+            }
+            env.push((k.clone(), v.get_ref().clone()));
+        }
+        // What exec counts against ARG_MAX: each string, its NUL and its pointer.
+        let total: usize = command
+            .iter()
+            .map(String::len)
+            .chain(env.iter().map(|(k, v)| k.len() + 1 + v.len()))
+            .map(|n| n + 1 + std::mem::size_of::<usize>())
+            .sum();
+        if total > MAX_ARGS_TOTAL {
+            return Err(self.err(
+                w.command.span(),
+                "worker.command",
+                format!(
+                    "the command and env take {total} bytes for exec; at most {MAX_ARGS_TOTAL} (1 MiB) are accepted"
+                ),
+            ));
+        }
+        if self.checks >= Checks::Reload {
+            if let Some(c) = &w.cwd {
+                let dir = self.path(c.get_ref());
+                check_cwd(&dir).map_err(|msg| self.err(c.span(), "worker.cwd", msg))?;
+            }
+            let dir = cwd.clone().or_else(|| std::env::current_dir().ok());
+            check_program(&command[0], &env, dir.as_deref())
+                .map_err(|msg| self.err(w.command.span(), "worker.command", msg))?;
+        }
+        let user = w
+            .user
+            .as_ref()
+            .map(|u| lookup_user(u.get_ref()).map_err(|m| self.err(u.span(), "worker.user", m)))
+            .transpose()?;
+        let group = w
+            .group
+            .as_ref()
+            .map(|g| lookup_group(g.get_ref()).map_err(|m| self.err(g.span(), "worker.group", m)))
+            .transpose()?;
+        let credentials = match (user, group) {
+            (None, None) => None,
+            (Some(u), g) => Some(Credentials {
+                user: Some(u.name),
+                uid: u.uid,
+                gid: g.unwrap_or(u.gid),
+            }),
+            (None, Some(g)) => Some(Credentials {
+                user: None,
+                uid: Uid::current(),
+                gid: g,
+            }),
+        };
+        let count = match &w.count {
+            None => 1,
+            Some(n) => usize::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| (1..=4096).contains(n))
+                .ok_or_else(|| self.err(n.span(), "worker.count", "must be between 1 and 4096"))?,
+        };
+        let ready = match w.ready.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("notify", _)) => {
+                if let Some(d) = &w.ready_delay {
+                    return Err(self.err(d.span(), "worker.ready_delay", "only used with ready = \"delay\""));
+                }
+                Ready::Notify
+            }
+            Some(("delay", _)) => {
+                Ready::Delay(self.duration(&w.ready_delay, "worker.ready_delay", Duration::from_secs(1), false)?)
+            }
+            Some((other, span)) => {
+                return Err(self.err(
+                    span,
+                    "worker.ready",
+                    format!("expected \"notify\" or \"delay\", got {}", shown(other)),
+                ))
+            }
+        };
+        let start_timeout = self.duration(&w.start_timeout, "worker.start_timeout", Duration::from_secs(60), true)?;
+        if let Ready::Delay(d) = ready {
+            if d >= start_timeout {
+                let span = w.ready_delay.as_ref().map_or(0..0, |s| s.span());
+                return Err(self.err(span, "worker.ready_delay", "must be shorter than start_timeout"));
+            }
+        }
+        let stop_signal = match &w.stop_signal {
+            None => Signal::SIGTERM,
+            Some(s) => parse_signal(s.get_ref()).map_err(|m| self.err(s.span(), "worker.stop_signal", m))?,
+        };
+        if matches!(stop_signal, Signal::SIGSTOP) {
+            let span = w.stop_signal.as_ref().map_or(0..0, |s| s.span());
+            return Err(self.err(span, "worker.stop_signal", "SIGSTOP cannot stop a worker"));
+        }
+        let stop_timeout = self.duration(&w.stop_timeout, "worker.stop_timeout", Duration::from_secs(30), false)?;
+        let restart = match w.restart.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("always", _)) => Restart::Always,
+            Some(("on-failure", _)) => Restart::OnFailure,
+            Some(("never", _)) => Restart::Never,
+            Some((other, span)) => {
+                return Err(self.err(
+                    span,
+                    "worker.restart",
+                    format!("expected \"always\", \"on-failure\" or \"never\", got {}", shown(other)),
+                ))
+            }
+        };
+        let umask = w
+            .umask
+            .as_ref()
+            .map(|u| self.octal(u, "worker.umask", 0o777))
+            .transpose()?;
+        let mut compat = Vec::new();
+        for c in &w.compat {
+            compat.push(match c.get_ref().as_str() {
+                "einhorn" => Compat::Einhorn,
+                "server_starter" => Compat::ServerStarter,
+                other => {
+                    return Err(self.err(
+                        c.span(),
+                        "worker.compat",
+                        format!("expected \"einhorn\" or \"server_starter\", got {}", shown(other)),
+                    ))
+                }
+            });
+        }
+        Ok(WorkerConfig {
+            command,
+            cwd,
+            env,
+            credentials,
+            count,
+            ready,
+            start_timeout,
+            stop_signal,
+            stop_timeout,
+            restart,
+            umask,
+            compat,
+        })
+    }
+
+    pub(super) fn rlimit(
+        &self,
+        name: &str,
+        v: &Spanned<RawLimit>,
+        worker: &WorkerConfig,
+    ) -> Result<Rlimit, ConfigError> {
+        let key = format!("rlimits.{}", cut(name, MAX_SHOWN));
+        let (resource, name) = rlimit_resource(name).ok_or_else(|| {
+            self.err(
+                v.span(),
+                &key,
+                format!(
+                    "unknown resource {}; known: {}",
+                    shown(name),
+                    RLIMIT_NAMES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })?;
+        let value = |lv: &LimitValue| -> Result<u64, ConfigError> {
+            match lv {
+                LimitValue::Int(i) => u64::try_from(*i).map_err(|_| self.err(v.span(), &key, "must not be negative")),
+                LimitValue::Text(s) if s == "infinity" || s == "unlimited" => Ok(nix::libc::RLIM_INFINITY),
+                LimitValue::Text(s) => Err(self.err(
+                    v.span(),
+                    &key,
+                    format!("expected a number or \"infinity\", got {}", shown(s)),
+                )),
+            }
+        };
+        let (soft, hard) = match v.get_ref() {
+            RawLimit::Both(x) => (value(x)?, value(x)?),
+            RawLimit::Pair(p) => (value(&p.soft)?, value(&p.hard)?),
+        };
+        if soft > hard {
+            return Err(self.err(v.span(), &key, format!("soft limit {soft} is above hard limit {hard}")));
+        }
+        if self.checks >= Checks::Reload {
+            check_rlimit(resource, hard, worker).map_err(|msg| self.err(v.span(), &key, msg))?;
+        }
+        Ok(Rlimit {
+            resource,
+            name,
+            soft,
+            hard,
+        })
+    }
+
+    pub(super) fn listen(&self, l: &Spanned<RawListen>) -> Result<ListenConfig, ConfigError> {
+        let span = l.span();
+        let l = l.get_ref();
+        let name = l.name.get_ref();
+        if name.is_empty()
+            || name.len() > 255
+            || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+            || name.contains(':')
+        {
+            return Err(self.err(
+                l.name.span(),
+                "listen.name",
+                "must be 1 to 255 printable ASCII characters without ':'",
+            ));
+        }
+        let addr = match (&l.tcp, &l.unix) {
+            (Some(t), None) => ListenAddr::Tcp(t.get_ref().parse::<SocketAddr>().map_err(|_| {
+                self.err(
+                    t.span(),
+                    "listen.tcp",
+                    format!(
+                        "{} is not an address such as \"0.0.0.0:8080\" or \"[::1]:8080\"",
+                        shown(t.get_ref())
+                    ),
+                )
+            })?),
+            (None, Some(u)) => {
+                let s = u.get_ref();
+                if let Some(abs) = s.strip_prefix('@') {
+                    if abs.is_empty() || abs.len() > 106 {
+                        return Err(self.err(u.span(), "listen.unix", "abstract name must be 1 to 106 bytes"));
+                    }
+                    ListenAddr::Abstract(abs.to_string())
+                } else {
+                    let p = self.nonempty_path(u, "listen.unix")?;
+                    if p.as_os_str().len() > 107 {
+                        return Err(self.err(
+                            u.span(),
+                            "listen.unix",
+                            format!("socket path {} is longer than 107 bytes", p.display()),
+                        ));
+                    }
+                    ListenAddr::Unix(p)
+                }
+            }
+            (Some(t), Some(_)) => return Err(self.err(t.span(), "listen", "give either tcp or unix, not both")),
+            (None, None) => {
+                return Err(self.err(
+                    span,
+                    "listen",
+                    format!("listener {} needs tcp = \"ADDR:PORT\" or unix = \"PATH\"", shown(name)),
+                ))
+            }
+        };
+        let backlog = match &l.backlog {
+            None => nix::libc::SOMAXCONN,
+            Some(b) => i32::try_from(*b.get_ref())
+                .ok()
+                .filter(|b| *b >= 1)
+                .ok_or_else(|| self.err(b.span(), "listen.backlog", "must be between 1 and 2147483647"))?,
+        };
+        let file_only = |v: Option<Range<usize>>, key: &str| -> Result<(), ConfigError> {
+            match (v, &addr) {
+                (Some(s), ListenAddr::Tcp(_) | ListenAddr::Abstract(_)) => {
+                    Err(self.err(s, key, "only applies to unix socket paths"))
+                }
+                _ => Ok(()),
+            }
+        };
+        file_only(l.mode.as_ref().map(|m| m.span()), "listen.mode")?;
+        file_only(l.owner.as_ref().map(|m| m.span()), "listen.owner")?;
+        file_only(l.group.as_ref().map(|m| m.span()), "listen.group")?;
+        let mode = l
+            .mode
+            .as_ref()
+            .map(|m| self.octal(m, "listen.mode", 0o7777))
+            .transpose()?;
+        let owner = l
+            .owner
+            .as_ref()
+            .map(|o| {
+                lookup_user(o.get_ref())
+                    .map(|u| u.uid)
+                    .map_err(|m| self.err(o.span(), "listen.owner", m))
+            })
+            .transpose()?;
+        let group = l
+            .group
+            .as_ref()
+            .map(|g| lookup_group(g.get_ref()).map_err(|m| self.err(g.span(), "listen.group", m)))
+            .transpose()?;
+        Ok(ListenConfig {
+            name: name.clone(),
+            addr,
+            backlog,
+            mode,
+            owner,
+            group,
+        })
+    }
+}

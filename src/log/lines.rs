@@ -1,0 +1,198 @@
+//! [`LineBatch`]: worker lines formatted exactly as the master's logger would format them, but
+//! in batches, one write per read of a worker's pipe.
+
+use super::escape::{escape_controls, needs_escape, plain_ascii};
+use super::{Sink, PAUSE_AT};
+use crate::config::LogFormat;
+
+/// Worker lines, formatted byte for byte as the master's logger formats a record with the
+/// keys pid, generation and stream, but written in batches: one `write` per read of the
+/// worker's pipe instead of one formatted record and one `write` per line. The lines of one
+/// batch share one timestamp, taken when the batch began (when the pipe was read).
+///
+/// Callers flush before anything else is logged, so the order of records is kept.
+pub struct LineBatch {
+    sink: Sink,
+    format: LogFormat,
+    /// Text: "<timestamp> INFO "; JSON: the timestamp string, quoted.
+    stamp: Vec<u8>,
+    buf: Vec<u8>,
+    /// Where the next relay turn starts among the workers, so that a slow log sink, which
+    /// lets only the first few be read per turn, starves none of them.
+    turn: usize,
+    /// Bytes this batch may grow to before the sink is full ([`PAUSE_AT`]), as of the last
+    /// look at the sink.
+    room: usize,
+}
+
+/// Flush a batch when it grows past this, so a flood of lines needs no more memory.
+const BATCH_LIMIT: usize = 256 * 1024;
+
+impl LineBatch {
+    pub fn new(sink: Sink, format: LogFormat) -> LineBatch {
+        LineBatch {
+            sink,
+            format,
+            stamp: Vec::new(),
+            buf: Vec::new(),
+            turn: 0,
+            room: PAUSE_AT,
+        }
+    }
+
+    /// Start a new batch: its lines get a timestamp taken when the first of them arrives.
+    /// Cheap when no line follows (it is called on every turn of the master's loop).
+    pub fn begin(&mut self) {
+        self.stamp.clear();
+        self.room = PAUSE_AT.saturating_sub(self.sink.pending());
+    }
+
+    /// Whether the log can take more lines now (see [`Sink::is_full`]).
+    pub fn has_room(&self) -> bool {
+        self.buf.len() < self.room
+    }
+
+    /// The first of `n` workers to read this turn; the next turn starts one further.
+    pub fn next_turn(&mut self, n: usize) -> usize {
+        self.turn = self.turn.wrapping_add(1);
+        if n == 0 {
+            0
+        } else {
+            self.turn % n
+        }
+    }
+
+    fn take_stamp(&mut self) {
+        match self.format {
+            LogFormat::Text => {
+                let _ = slog_term::timestamp_local(&mut self.stamp);
+                self.stamp.extend_from_slice(b" INFO ");
+            }
+            LogFormat::Json => {
+                let ts = humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string();
+                let _ = serde_json::to_writer(&mut self.stamp, &ts);
+            }
+        }
+    }
+
+    /// The constant end of every line of one worker's stream: its keys, formatted once.
+    pub fn tag(&self, pid: i32, generation: u64, stream: &str) -> Vec<u8> {
+        match self.format {
+            LogFormat::Text => format!(", pid: {pid}, generation: {generation}, stream: {stream}\n").into_bytes(),
+            LogFormat::Json => {
+                format!(",\"pid\":{pid},\"generation\":{generation},\"stream\":\"{stream}\"}}\n").into_bytes()
+            }
+        }
+    }
+
+    /// Format one line, ending with `tag` (from [`LineBatch::tag`]); returns it as text
+    /// (invalid UTF-8 replaced), for the worker's tail.
+    pub fn push<'a>(&mut self, line: &'a [u8], tag: &[u8]) -> std::borrow::Cow<'a, str> {
+        if self.buf.len() >= BATCH_LIMIT {
+            self.flush();
+        }
+        if self.stamp.is_empty() {
+            self.take_stamp();
+        }
+        let (printable, json_plain) = plain_ascii(line);
+        let text = if printable {
+            // SAFETY: every byte is ASCII (0x20–0x7e), so the bytes are valid UTF-8.
+            std::borrow::Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(line) })
+        } else {
+            String::from_utf8_lossy(line)
+        };
+        let b = &mut self.buf;
+        match self.format {
+            LogFormat::Text => {
+                b.extend_from_slice(&self.stamp);
+                if !printable && needs_escape(text.as_bytes()) {
+                    escape_controls(text.as_bytes(), b);
+                } else {
+                    b.extend_from_slice(text.as_bytes());
+                }
+                if text.is_empty() {
+                    // slog-term writes no separator after an empty message.
+                    b.extend_from_slice(tag.strip_prefix(b", ").unwrap_or(tag));
+                    return text;
+                }
+            }
+            LogFormat::Json => {
+                b.extend_from_slice(b"{\"msg\":");
+                if json_plain || text.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+                    b.push(b'"');
+                    b.extend_from_slice(text.as_bytes());
+                    b.push(b'"');
+                } else {
+                    let _ = serde_json::to_writer(&mut *b, &*text);
+                }
+                b.extend_from_slice(b",\"level\":\"INFO\",\"ts\":");
+                b.extend_from_slice(&self.stamp);
+            }
+        }
+        b.extend_from_slice(tag);
+        text
+    }
+
+    /// Hand what was formatted to the sink: written now, or pending (see [`Sink`]).
+    pub fn flush(&mut self) {
+        if !self.buf.is_empty() {
+            self.sink.commit_lines(&self.buf);
+            self.buf.clear();
+            self.room = PAUSE_AT.saturating_sub(self.sink.pending());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use slog::info;
+
+    use super::*;
+    use crate::config::LogTarget;
+    use crate::log::build;
+
+    /// What the logger and a batch write for the same worker line, timestamps cut out.
+    fn both(format: LogFormat, line: &str) -> (String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (log, sink) = build(&LogTarget::File(path.clone()), format).unwrap();
+        info!(log, "{}", line; "stream" => "stdout", "generation" => 7u64, "pid" => 42);
+        let mut batch = LineBatch::new(sink, format);
+        batch.begin();
+        let tag = batch.tag(42, 7, "stdout");
+        batch.push(line.as_bytes(), &tag);
+        batch.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<String> = text
+            .lines()
+            .map(|l| match format {
+                // "Nov 23 16:01:13.046 INFO ..." and "ts":"...": cut the time out.
+                LogFormat::Text => l[19..].to_string(),
+                LogFormat::Json => {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    assert!(v["ts"].as_str().unwrap().ends_with('Z'), "{l}");
+                    v["ts"] = serde_json::Value::Null;
+                    format!("{v} {}", l.find("\"ts\"").unwrap())
+                }
+            })
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        (lines[0].clone(), lines[1].clone())
+    }
+
+    #[test]
+    fn batched_lines_read_exactly_like_logged_ones() {
+        for format in [LogFormat::Text, LogFormat::Json] {
+            for line in [
+                "line 1",
+                "",
+                "quotes \" and \\ and\ttab",
+                "ünïcödé €",
+                "\x1b[31mred\0nul\r\u{9b}c1\x7f",
+            ] {
+                let (logged, batched) = both(format, line);
+                assert_eq!(batched, logged, "{format:?} {line:?}");
+            }
+        }
+    }
+}
