@@ -405,17 +405,28 @@ impl Write for Staging {
     }
 }
 
+/// The log as the running master writes it: its file, kept open across the exec (so a log
+/// directory removed since start does not fail the resume), and its path for reopening.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct LogState {
+    pub path: Option<PathBuf>,
+    pub fd: Option<RawFd>,
+    /// Formatted bytes the log had not taken yet (the first line possibly begun).
+    #[serde(default)]
+    pub pending: Vec<u8>,
+}
+
 impl Sink {
     /// What an upgrade hands over: the log file's path, its open fd (so that the new image
     /// keeps writing to the same file even if its directory is gone meanwhile) and the bytes
     /// still pending (so that a slow log loses nothing over an upgrade).
-    pub fn handover(&self) -> crate::master::handover::LogState {
+    pub fn handover(&self) -> LogState {
         let s = self.lock();
         let fd = match &s.target {
             Target::File(f) => Some(f.as_raw_fd()),
             _ => None,
         };
-        crate::master::handover::LogState {
+        LogState {
             path: self.path.clone(),
             fd,
             pending: s.out.buf[s.out.head..].to_vec(),
@@ -425,9 +436,18 @@ impl Sink {
 
 /// The log of a master resumed after an upgrade: the file handed over (close-on-exec again),
 /// or stderr, with what was still pending.
-pub fn resume(state: crate::master::handover::LogState, format: LogFormat) -> (Logger, Sink) {
+pub fn resume(state: LogState, format: LogFormat) -> (Logger, Sink) {
     let target = match state.fd {
-        Some(fd) => Target::File(File::from(crate::master::handover::own(fd))),
+        Some(fd) => {
+            // SAFETY: handed over by the previous image, which exists no more; nothing else
+            // owns this fd. Close-on-exec again, like every fd of the master.
+            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let _ = nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            );
+            Target::File(File::from(fd))
+        }
         None => Target::stderr(),
     };
     let sink = Sink {

@@ -73,16 +73,7 @@ pub enum StreamName {
     Stderr,
 }
 
-/// The log as the running master writes it: its file, kept open across the exec (so a log
-/// directory removed since start does not fail the resume), and its path for reopening.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct LogState {
-    pub path: Option<PathBuf>,
-    pub fd: Option<RawFd>,
-    /// Formatted bytes the log had not taken yet (the first line possibly begun).
-    #[serde(default)]
-    pub pending: Vec<u8>,
-}
+pub use crate::log::LogState;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ListenerState {
