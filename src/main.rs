@@ -26,9 +26,6 @@ mod config_state;
 mod control;
 mod daemon;
 mod errno;
-// Wired into master in the next step.
-#[allow(dead_code)]
-mod generations;
 mod listen;
 mod log;
 mod master;

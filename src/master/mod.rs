@@ -38,6 +38,8 @@ use crate::listen::Listener;
 use crate::log::{LineBatch, Sink};
 use crate::pidfile::{ensure_parent, PidFile};
 mod commands;
+#[allow(dead_code)]
+pub mod generations;
 pub mod handover;
 mod pipes;
 mod reload;
