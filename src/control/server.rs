@@ -152,8 +152,6 @@ pub enum Input {
 /// What a connection waits for, after its request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Waiting {
-    /// The outcome of reload attempt number `attempt`.
-    Reload { attempt: u64 },
     /// The master's exit.
     Stop,
     /// The outcome of the upgrade (answered by the new image, or the old one after a

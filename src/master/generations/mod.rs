@@ -400,11 +400,6 @@ impl Generations {
         self.reload.as_ref().map(|r| r.generation)
     }
 
-    /// The serving generation's parameters.
-    pub fn params(&self) -> &Params {
-        &self.params
-    }
-
     pub fn slots(&self) -> &[Slot] {
         &self.slots
     }
@@ -431,6 +426,8 @@ impl Generations {
         self.workers.iter().filter(|w| w.state.is_alive()).count()
     }
 
+    /// The code [`Action::Exit`] will carry (the loop takes it from there).
+    #[cfg(test)]
     pub fn exit_code(&self) -> i32 {
         self.exit_code
     }
