@@ -149,7 +149,8 @@ pub enum Input {
     Bad(String),
 }
 
-/// What a connection waits for, after its request.
+/// What a connection waits for, after its request. (A reload's waiters are the generations
+/// machine's: it answers them by `ClientId`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Waiting {
     /// The master's exit.

@@ -4,7 +4,9 @@
 //! SIGKILL. The deadline of each state is data inside the state, and one exhaustive `match` on
 //! (state, event) in [`transition`] is the only place states change: start, reload, crash
 //! restart and stop are all expressed as events fed to it. [`transition`] is pure (it returns
-//! the effects to carry out), so it is unit-tested with synthetic events and clocks.
+//! the effects to carry out), so it is unit-tested with synthetic events and clocks. The
+//! generations machine (`master::generations`) keeps each worker's state and feeds it; the
+//! loop's [`Worker`] holds only the process's I/O.
 
 pub mod cgroup;
 pub mod notify;
