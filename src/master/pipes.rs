@@ -19,9 +19,8 @@ impl Master {
             let tag = lines.tag(pid.as_raw(), generation, p.stream.as_str());
             p.pump_while(drain, |line| {
                 let text = lines.push(line, &tag);
-                // The machine keeps the last lines for failure reports, control characters
-                // escaped.
-                gens.remember(pid, &crate::log::escape_str(&text));
+                // The machine keeps the last lines for failure reports.
+                gens.remember(pid, &text);
                 lines.has_room()
             });
         }

@@ -132,7 +132,7 @@ impl Generations {
                     }
                 }
                 Effect::StartTimedOut => {
-                    let tail = w.tail.iter().cloned().collect();
+                    let tail = escaped(&w.tail);
                     let reason = format!(
                         "worker pid {pid} did not become ready within {}",
                         humantime::format_duration(w.start_timeout)
@@ -152,7 +152,7 @@ impl Generations {
                         );
                     } else {
                         let lived = now.saturating_duration_since(w.started);
-                        let tail = w.tail.iter().cloned().collect();
+                        let tail = escaped(&w.tail);
                         let reason = format!("worker pid {pid} {status} during start-up");
                         self.worker_died(now, generation, slot, pid, status, lived, reason, tail, was_ready);
                     }
@@ -367,4 +367,10 @@ impl Generations {
             self.out.push(Action::StartFailed { reason, tail });
         }
     }
+}
+
+/// A worker's last lines for a failure report, control characters escaped (escaped here, when
+/// a report needs them, not for every line relayed).
+fn escaped(tail: &std::collections::VecDeque<String>) -> Vec<String> {
+    tail.iter().map(|l| crate::log::escape_str(l).into_owned()).collect()
 }
