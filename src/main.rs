@@ -39,9 +39,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 
 use cli::{Cli, Command};
-// The hand-over config moved to config/state.rs; src/master/ (being rewritten meanwhile) still
-// names it `crate::config_state`. Remove this alias once it says `crate::config::state`.
-use config::state as config_state;
+
 use control::{client, Request};
 
 /// An error with the exit code it maps to.

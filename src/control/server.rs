@@ -149,11 +149,10 @@ pub enum Input {
     Bad(String),
 }
 
-/// What a connection waits for, after its request.
+/// What a connection waits for, after its request. (A reload's waiters are the generations
+/// machine's: it answers them by `ClientId`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Waiting {
-    /// The outcome of reload attempt number `attempt`.
-    Reload { attempt: u64 },
     /// The master's exit.
     Stop,
     /// The outcome of the upgrade (answered by the new image, or the old one after a

@@ -38,7 +38,10 @@ impl Master {
             }
             for mut c in accepted {
                 match c.peer_uid {
-                    Some(uid) if uid == 0 || uid == my_uid => self.conns.push(c),
+                    Some(uid) if uid == 0 || uid == my_uid => {
+                        self.conns.insert(ClientId(self.next_client), c);
+                        self.next_client += 1;
+                    }
                     other => {
                         let uid = other.map_or("unknown".to_string(), |u| u.to_string());
                         warn!(self.log, "control: refused a client"; "uid" => &uid, "peer_pid" => c.peer_pid);
@@ -52,24 +55,25 @@ impl Master {
                 }
             }
         }
-        for i in 0..self.conns.len() {
-            let fd = self.conns[i].raw_fd();
-            if ready.binary_search(&fd).is_err() {
+        let ids: Vec<ClientId> = self.conns.keys().copied().collect();
+        for id in ids {
+            let Some(c) = self.conns.get_mut(&id) else { continue };
+            if ready.binary_search(&c.raw_fd()).is_err() {
                 continue;
             }
-            self.conns[i].flush();
-            if self.conns[i].wants_read() {
-                match self.conns[i].read() {
+            c.flush();
+            if c.wants_read() {
+                match c.read() {
                     Input::Nothing => {}
                     Input::Bad(msg) => {
                         warn!(self.log, "control: bad request"; "error" => &msg);
-                        self.conns[i].send(&Reply::err(msg, Value::Null));
+                        c.send(&Reply::err(msg, Value::Null));
                     }
-                    Input::Request(req) => self.handle_request(i, req),
+                    Input::Request(req) => self.handle_request(id, req),
                 }
             }
         }
-        for c in &mut self.conns {
+        for c in self.conns.values_mut() {
             if c.deadline.is_some_and(|d| d <= now) {
                 c.deadline = None;
                 c.send(&Reply::err(
@@ -84,59 +88,58 @@ impl Master {
         // Connections that ended are dropped at the top of the next loop turn, before poll.
     }
 
-    pub(super) fn handle_request(&mut self, i: usize, req: Request) {
+    pub(super) fn handle_request(&mut self, id: ClientId, req: Request) {
         debug!(self.log, "control request"; "request" => format!("{req:?}"));
-        match req {
-            Request::Status {} => {
-                let status = self.status();
-                self.conns[i].send(&Reply::ok("status", status));
+        let reply = match req {
+            Request::Status {} => Reply::ok("status", self.status()),
+            Request::ReopenLogs {} => match self.reopen_logs() {
+                Ok(()) => Reply::ok("log reopened", Value::Null),
+                Err(e) => Reply::err(e, Value::Null),
+            },
+            Request::Reload { if_generation } => {
+                return self.event(Event::ReloadRequested {
+                    from: Some(id),
+                    if_generation,
+                })
             }
-            Request::ReopenLogs {} => {
-                let reply = match self.reopen_logs() {
-                    Ok(()) => Reply::ok("log reopened", Value::Null),
-                    Err(e) => Reply::err(e, Value::Null),
-                };
-                self.conns[i].send(&reply);
-            }
-            Request::Reload { if_generation } => self.request_reload(Some(i), if_generation),
-            Request::Upgrade {} => self.upgrade(Some(i)),
+            Request::Upgrade {} => return self.upgrade(Some(id)),
             Request::Stop {} => {
-                self.conns[i].waiting = Some(Waiting::Stop);
-                let n = self.workers.iter().filter(|w| w.state.is_alive()).count();
-                self.conns[i].send(&Reply::progress(format!(
-                    "stopping master pid {} and {n} worker{}",
-                    std::process::id(),
-                    if n == 1 { "" } else { "s" }
-                )));
-                if self.phase != Phase::Stopping {
-                    info!(self.log, "stopping"; "requested_by" => "control socket");
-                    self.begin_stop();
+                let n = self.gens.alive();
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.waiting = Some(Waiting::Stop);
+                    c.send(&Reply::progress(format!(
+                        "stopping master pid {} and {n} worker{}",
+                        std::process::id(),
+                        if n == 1 { "" } else { "s" }
+                    )));
                 }
+                return self.event(Event::StopRequested { by: StopBy::Control });
             }
+        };
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.send(&reply);
         }
     }
 
     /// What `zdd status` shows.
     pub(super) fn status(&self) -> Value {
         let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = Instant::now();
         let workers: Vec<Value> = self
-            .workers
+            .gens
+            .workers()
             .iter()
             .map(|w| {
-                let restarts = if w.generation == self.generation {
-                    self.slots.get(w.slot).map_or(0, |s| s.restarts)
-                } else {
-                    0
-                };
+                let io = self.workers.iter().find(|io| io.pid == w.pid);
                 json!({
                     "pid": w.pid.as_raw(),
                     "generation": w.generation,
                     "slot": w.slot,
                     "state": w.state.name(),
-                    "started": unix(w.started_wall),
-                    "uptime_secs": w.started.elapsed().as_secs(),
-                    "restarts": restarts,
-                    "status": w.status_text,
+                    "started": io.map_or(0, |io| unix(io.started_wall)),
+                    "uptime_secs": now.saturating_duration_since(w.started).as_secs(),
+                    "restarts": self.gens.restarts(w),
+                    "status": io.and_then(|io| io.status_text.as_ref()),
                 })
             })
             .collect();
@@ -152,9 +155,9 @@ impl Master {
             "config": self.config.path.display().to_string(),
             "started": unix(self.started_wall),
             "uptime_secs": self.started_at.elapsed().as_secs(),
-            "phase": match self.phase { Phase::Starting => "starting", Phase::Running => "running", Phase::Stopping => "stopping" },
-            "generation": self.generation,
-            "reloading": self.reload.as_ref().map(|r| r.generation),
+            "phase": self.gens.phase().name(),
+            "generation": self.gens.generation(),
+            "reloading": self.gens.reloading(),
             "workers": workers,
             "listeners": listeners,
             "log": self.sink.status(),

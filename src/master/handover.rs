@@ -154,7 +154,7 @@ pub struct State {
     pub cgroups: Option<crate::worker::cgroup::HandOver>,
     /// The running config, as data (version 2). Version 1 states carry only the text.
     #[serde(default)]
-    pub config: Option<crate::config_state::ConfigState>,
+    pub config: Option<crate::config::state::ConfigState>,
     /// Where the notify and control sockets are bound (version 2): the running paths, which
     /// a reload that changed `[master]` does not move.
     #[serde(default)]

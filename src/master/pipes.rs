@@ -12,14 +12,15 @@ impl Master {
             return;
         }
         let w = &mut self.workers[i];
-        let (pid, generation) = (w.pid.as_raw(), w.generation);
-        let (lines, tail) = (&mut self.lines, &mut w.tail);
+        let (pid, generation) = (w.pid, w.generation);
+        let (lines, gens) = (&mut self.lines, &mut self.gens);
         lines.begin();
         for p in w.pipes.iter_mut() {
-            let tag = lines.tag(pid, generation, p.stream.as_str());
+            let tag = lines.tag(pid.as_raw(), generation, p.stream.as_str());
             p.pump_while(drain, |line| {
                 let text = lines.push(line, &tag);
-                crate::worker::remember(tail, &text);
+                // The machine keeps the last lines for failure reports.
+                gens.remember(pid, &text);
                 lines.has_room()
             });
         }
@@ -28,25 +29,27 @@ impl Master {
 
     pub(super) fn read_notify(&mut self) {
         for msg in self.notify.receive() {
-            let i = match self.workers.iter().position(|w| w.pid == msg.pid) {
-                Some(i) => Some(i),
+            let pid = match self.gens.worker(msg.pid) {
+                Some(_) => Some(msg.pid),
                 None => nix::unistd::getpgid(Some(msg.pid))
                     .ok()
-                    .and_then(|pgid| self.workers.iter().position(|w| w.pid == pgid && w.state.is_alive())),
+                    .filter(|&pgid| self.gens.worker(pgid).is_some_and(|w| w.state.is_alive())),
             };
-            let Some(i) = i else {
+            let Some(pid) = pid else {
                 debug!(self.log, "notify message from a process that is not a worker; ignored"; "sender" => msg.pid.as_raw());
                 continue;
             };
             if let Some(status) = msg.get("STATUS") {
-                debug!(self.log, "worker status"; "status" => status, "pid" => self.workers[i].pid.as_raw());
-                self.workers[i].status_text = Some(status.to_string());
+                debug!(self.log, "worker status"; "status" => status, "pid" => pid.as_raw());
+                if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+                    w.status_text = Some(status.to_string());
+                }
             }
             if msg.get("STOPPING") == Some("1") {
-                debug!(self.log, "worker is stopping"; "pid" => self.workers[i].pid.as_raw());
+                debug!(self.log, "worker is stopping"; "pid" => pid.as_raw());
             }
             if msg.get("READY") == Some("1") {
-                self.feed(i, Event::Ready);
+                self.event(Event::WorkerReady { pid });
             }
         }
     }

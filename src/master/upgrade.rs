@@ -2,6 +2,7 @@
 //! ([`super::handover`]), and in the new image resume or roll back.
 
 use super::*;
+use crate::worker::State;
 
 /// `zdd upgrade-check` of the new binary, running as a child of the master.
 pub(super) struct UpgradeCheck {
@@ -12,19 +13,9 @@ pub(super) struct UpgradeCheck {
 }
 
 impl Master {
-    /// Why an upgrade cannot start now, if it cannot.
-    pub(super) fn upgrade_refusal(&self) -> Option<&'static str> {
-        match (self.phase, &self.reload) {
-            (Phase::Starting, _) => Some("the first generation is still starting"),
-            (Phase::Stopping, _) => Some("the master is stopping"),
-            (Phase::Running, Some(_)) => Some("a reload is under way"),
-            (Phase::Running, None) => None,
-        }
-    }
-
     /// Answer every client waiting for the upgrade.
     pub(super) fn finish_upgrade(&mut self, reply: Reply) {
-        for c in &mut self.conns {
+        for c in self.conns.values_mut() {
             if c.waiting == Some(Waiting::Upgrade) {
                 c.waiting = None;
                 c.send(&reply);
@@ -39,14 +30,14 @@ impl Master {
 
     /// An upgrade asked for by SIGUSR2 (`from` = None) or a control client: first check the
     /// new binary (asynchronously: the loop goes on), then re-execute it.
-    pub(super) fn upgrade(&mut self, from: Option<usize>) {
-        if let Some(i) = from {
-            self.conns[i].waiting = Some(Waiting::Upgrade);
+    pub(super) fn upgrade(&mut self, from: Option<ClientId>) {
+        if let Some(c) = from.and_then(|id| self.conns.get_mut(&id)) {
+            c.waiting = Some(Waiting::Upgrade);
         }
         if self.upgrade_check.is_some() {
             return self.progress_upgrade("an upgrade is under way; this one shares its outcome".into());
         }
-        if let Some(why) = self.upgrade_refusal() {
+        if let Some(why) = self.gens.upgrade_refusal() {
             return self.refuse_upgrade(format!("upgrade refused: {why}"));
         }
         let exe = self.exe.clone();
@@ -69,7 +60,7 @@ impl Master {
 
     pub(super) fn progress_upgrade(&mut self, message: String) {
         let reply = Reply::progress(message);
-        for c in &mut self.conns {
+        for c in self.conns.values_mut() {
             if c.waiting == Some(Waiting::Upgrade) {
                 c.send(&reply);
             }
@@ -102,7 +93,7 @@ impl Master {
             return self.refuse_upgrade(format!("upgrade refused: {f}; the master carries on unchanged"));
         }
         // The loop went on while the check ran: a reload or stop may have begun meanwhile.
-        if let Some(why) = self.upgrade_refusal() {
+        if let Some(why) = self.gens.upgrade_refusal() {
             return self.refuse_upgrade(format!("upgrade refused: {why}"));
         }
         info!(self.log, "upgrade: the new binary answered"; "answer" => &said);
@@ -112,7 +103,11 @@ impl Master {
 
     /// Re-execute the master's binary in place, keeping sockets, workers and their pipes.
     pub(super) fn exec_upgrade(&mut self) {
-        let from = self.conns.iter().position(|c| c.waiting == Some(Waiting::Upgrade));
+        let from = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.waiting == Some(Waiting::Upgrade))
+            .map(|(&id, _)| id);
         let now = Instant::now();
         let ms_left = |t: Instant| clock::ms(t.saturating_duration_since(now));
         let mut all: Vec<Rc<Listener>> = Vec::new();
@@ -126,10 +121,12 @@ impl Master {
         let current: Vec<usize> = self.listeners.iter().map(&mut index).collect();
         let unix_ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, clock::ms);
         let workers: Vec<handover::WorkerState> = self
-            .workers
+            .gens
+            .workers()
             .iter()
             .filter(|w| w.state.is_alive())
-            .map(|w| {
+            .filter_map(|w| Some((w, self.workers.iter().find(|io| io.pid == w.pid)?)))
+            .map(|(w, io)| {
                 use handover::WorkerPhase as P;
                 let (state, remaining_ms, ready_in_ms) = match w.state {
                     State::Starting { deadline, ready_at } => {
@@ -146,20 +143,20 @@ impl Master {
                     state,
                     remaining_ms,
                     ready_in_ms,
-                    uptime_ms: clock::ms(w.started.elapsed()),
-                    started_wall_ms: unix_ms(w.started_wall),
+                    uptime_ms: clock::ms(now.saturating_duration_since(w.started)),
+                    started_wall_ms: unix_ms(io.started_wall),
                     stop_signal: w.stop_signal as i32,
                     stop_timeout_ms: clock::ms(w.stop_timeout),
-                    pipes: w
+                    pipes: io
                         .pipes
                         .iter()
                         .filter(|p| !p.is_eof())
                         .map(|p| (stream_name(p.stream), p.raw_fd(), p.partial().to_vec()))
                         .collect(),
-                    listeners: w.listeners.iter().map(&mut index).collect(),
+                    listeners: io.listeners.iter().map(&mut index).collect(),
                     tail: w.tail.iter().cloned().collect(),
-                    status_text: w.status_text.clone(),
-                    cgroup: w.cgroup.as_ref().map(|c| c.path().to_path_buf()),
+                    status_text: io.status_text.clone(),
+                    cgroup: io.cgroup.as_ref().map(|c| c.path().to_path_buf()),
                 }
             })
             .collect();
@@ -169,9 +166,9 @@ impl Master {
             exe: self.exe.clone(),
             config_path: self.config.path.clone(),
             config_text: self.config.source.clone(),
-            generation: self.generation,
-            next_generation: self.next_generation,
-            attempt: self.attempt,
+            generation: self.gens.generation(),
+            next_generation: self.gens.next_generation(),
+            attempt: self.gens.attempt(),
             uptime_ms: clock::ms(self.started_at.elapsed()),
             started_wall_ms: unix_ms(self.started_wall),
             notify_fd: self.notify.raw_fd(),
@@ -192,7 +189,8 @@ impl Master {
             current,
             workers,
             slots: self
-                .slots
+                .gens
+                .slots()
                 .iter()
                 .map(|s| handover::SlotState {
                     failures: s.failures,
@@ -206,24 +204,23 @@ impl Master {
                 .map(|(pid, g, p)| (pid.as_raw(), *g, stream_name(p.stream), p.raw_fd()))
                 .collect(),
             orphan_partials: self.orphan_pipes.iter().map(|(_, _, p)| p.partial().to_vec()).collect(),
-            reply_fd: from.map(|i| self.conns[i].raw_fd()),
+            reply_fd: from.and_then(|id| self.conns.get(&id)).map(|c| c.raw_fd()),
             more_reply_fds: self
                 .conns
                 .iter()
-                .enumerate()
-                .filter(|(i, c)| Some(*i) != from && c.waiting == Some(Waiting::Upgrade))
+                .filter(|(id, c)| Some(**id) != from && c.waiting == Some(Waiting::Upgrade))
                 .map(|(_, c)| c.raw_fd())
                 .collect(),
             worker_nofile: self.worker_nofile,
             cgroups: self.cgroups.handover(),
-            config: Some(crate::config_state::ConfigState::from(&*self.config)),
+            config: Some(crate::config::state::ConfigState::from(&*self.config)),
             notify_path: Some(self.notify.path().to_path_buf()),
             control_path: Some(self.control.path().to_path_buf()),
             log: None,
         };
         info!(self.log, "upgrading: re-executing the master"; "exe" => self.exe.display().to_string());
-        if let Some(i) = from {
-            self.conns[i].send(&Reply::progress(format!("re-executing {}", self.exe.display())));
+        if let Some(c) = from.and_then(|id| self.conns.get_mut(&id)) {
+            c.send(&Reply::progress(format!("re-executing {}", self.exe.display())));
         }
         // What the log has not taken yet is handed over, not waited for: taken last, so that
         // it holds every record up to the exec.
@@ -239,7 +236,7 @@ impl Master {
     /// The new image after an upgrade, first step: everything that can fail, before any
     /// handed-over fd is taken over (so that a failure can still roll back to the old image
     /// with every fd open): the running config, the log, the signal handlers.
-    pub(super) fn prepare_resume(state: &mut handover::State) -> Result<Resumed, String> {
+    pub(super) fn prepare_resume(state: &mut handover::State) -> Result<Prepared, String> {
         if std::env::var_os(FAULT_ENV).is_some_and(|v| v == "resume") {
             return Err(format!(
                 "{FAULT_ENV}=resume: failing the resume on purpose (fault injection)"
@@ -260,7 +257,7 @@ impl Master {
             None => crate::log::build(&config.master.log, config.master.log_format)
                 .map_err(|e| format!("opening log {:?}: {}", config.master.log, describe_io(&e)))?,
         };
-        Ok(Resumed {
+        Ok(Prepared {
             config: Rc::new(config),
             log,
             sink,
@@ -270,8 +267,8 @@ impl Master {
 
     /// The new image after an upgrade, second step: the same master, rebuilt around the fds it
     /// was handed. Nothing here can fail.
-    pub(super) fn resume(state: handover::State, prepared: Resumed, rolled_back: Option<String>) -> Master {
-        let Resumed {
+    pub(super) fn resume(state: handover::State, prepared: Prepared, rolled_back: Option<String>) -> Master {
+        let Prepared {
             config,
             log,
             sink,
@@ -284,43 +281,67 @@ impl Master {
             .collect();
         let now = Instant::now();
         let wall = clock::wall_ms;
-        let workers = state
-            .workers
-            .into_iter()
-            .map(|w| {
-                use handover::WorkerPhase as P;
-                let state = match w.state {
+        let (mut machine_workers, mut workers) = (Vec::new(), Vec::new());
+        for w in state.workers {
+            use handover::WorkerPhase as P;
+            let after_ms = |ms: Option<u64>| clock::after(now, Duration::from_millis(ms.unwrap_or(0)));
+            let pid = Pid::from_raw(w.pid);
+            machine_workers.push(generations::Worker {
+                pid,
+                generation: w.generation,
+                slot: w.slot,
+                state: match w.state {
                     P::Starting => State::Starting {
-                        deadline: clock::after(now, Duration::from_millis(w.remaining_ms.unwrap_or(0))),
-                        ready_at: w.ready_in_ms.map(|ms| clock::after(now, Duration::from_millis(ms))),
+                        deadline: after_ms(w.remaining_ms),
+                        ready_at: w.ready_in_ms.map(|ms| after_ms(Some(ms))),
                     },
                     P::Ready => State::Ready,
                     P::Stopping => State::Stopping {
-                        kill_at: clock::after(now, Duration::from_millis(w.remaining_ms.unwrap_or(0))),
+                        kill_at: after_ms(w.remaining_ms),
                     },
                     P::Killed => State::Killed,
-                };
-                Worker {
-                    pid: Pid::from_raw(w.pid),
-                    generation: w.generation,
-                    slot: w.slot,
-                    state,
-                    started: now.checked_sub(Duration::from_millis(w.uptime_ms)).unwrap_or(now),
-                    started_wall: wall(w.started_wall_ms),
-                    stop_signal: Signal::try_from(w.stop_signal).unwrap_or(Signal::SIGTERM),
-                    stop_timeout: Duration::from_millis(w.stop_timeout_ms),
-                    pipes: w
-                        .pipes
-                        .into_iter()
-                        .map(|(s, fd, partial)| Pipe::resume(handover::own(fd), stream_of(s), partial))
-                        .collect(),
-                    tail: w.tail.into_iter().collect(),
-                    status_text: w.status_text,
-                    listeners: w.listeners.iter().filter_map(|&i| all.get(i).cloned()).collect(),
-                    cgroup: w.cgroup.map(crate::worker::cgroup::WorkerCgroup::from_path),
-                }
+                },
+                started: now.checked_sub(Duration::from_millis(w.uptime_ms)).unwrap_or(now),
+                stop_signal: Signal::try_from(w.stop_signal).unwrap_or(Signal::SIGTERM),
+                stop_timeout: Duration::from_millis(w.stop_timeout_ms),
+                start_timeout: config.worker.start_timeout,
+                tail: w.tail.into_iter().collect(),
+            });
+            workers.push(Worker {
+                pid,
+                generation: w.generation,
+                started_wall: wall(w.started_wall_ms),
+                pipes: w
+                    .pipes
+                    .into_iter()
+                    .map(|(s, fd, partial)| Pipe::resume(handover::own(fd), stream_of(s), partial))
+                    .collect(),
+                status_text: w.status_text,
+                listeners: w.listeners.iter().filter_map(|&i| all.get(i).cloned()).collect(),
+                cgroup: w.cgroup.map(crate::worker::cgroup::WorkerCgroup::from_path),
+            });
+        }
+        let slots = state
+            .slots
+            .into_iter()
+            .map(|s| generations::Slot {
+                ready_once: true,
+                failures: s.failures,
+                restarts: s.restarts,
+                restart_at: s.restart_in_ms.map(|ms| clock::after(now, Duration::from_millis(ms))),
             })
             .collect();
+        let gens = Generations::resume(
+            generations::Resumed {
+                generation: state.generation,
+                next_generation: state.next_generation,
+                attempt: state.attempt,
+                params: Params::of(&config),
+                slots,
+                workers: machine_workers,
+            },
+            config.path.display().to_string(),
+        );
         // The old image blocked the handled signals for the exec; our handlers are in place now.
         // SAFETY: an empty sigset_t initialised by sigemptyset.
         unsafe {
@@ -330,9 +351,9 @@ impl Master {
         }
         let m = &config.master;
         let (pid_fd, pid_path, pid_ino) = state.pid_file;
-        let mut conns = Vec::new();
-        for &fd in state.reply_fd.iter().chain(&state.more_reply_fds) {
-            conns.push(Conn::from_fd(handover::own(fd)));
+        let mut conns = BTreeMap::new();
+        for (n, &fd) in state.reply_fd.iter().chain(&state.more_reply_fds).enumerate() {
+            conns.insert(ClientId(n as u64), Conn::from_fd(handover::own(fd)));
         }
         // The sockets stay where they are bound, whatever [master] says now.
         let notify_path = state.notify_path.clone().unwrap_or_else(|| m.notify_socket.clone());
@@ -348,24 +369,10 @@ impl Master {
             sink,
             listeners: state.current.iter().filter_map(|&i| all.get(i).cloned()).collect(),
             config,
-            generation: state.generation,
-            next_generation: state.next_generation,
+            gens,
+            pending: None,
             workers,
-            slots: state
-                .slots
-                .into_iter()
-                .map(|s| Slot {
-                    ready_once: true,
-                    failures: s.failures,
-                    restarts: s.restarts,
-                    restart_at: s.restart_in_ms.map(|ms| clock::after(now, Duration::from_millis(ms))),
-                })
-                .collect(),
-            reload: None,
-            reload_again: false,
-            start_failure: None,
-            phase: Phase::Running,
-            exit_code: 0,
+            exit: None,
             orphan_pipes: {
                 let mut partials = state.orphan_partials.into_iter();
                 state
@@ -384,24 +391,24 @@ impl Master {
             signals,
             started_at: now.checked_sub(Duration::from_millis(state.uptime_ms)).unwrap_or(now),
             started_wall: wall(state.started_wall_ms),
-            attempt: state.attempt,
             start_report: None,
             exe: state.exe.clone(),
             worker_nofile: state.worker_nofile,
             control_paused_until: None,
             upgrade_check: None,
             systemd: SystemdNotifier::from_env(),
+            next_client: conns.len() as u64,
             conns,
         };
-        let alive = master.workers.len();
+        let alive = master.gens.workers().len();
         let pid = std::process::id();
-        let data = json!({ "pid": pid, "generation": master.generation });
+        let data = json!({ "pid": pid, "generation": master.gens.generation() });
         let reply = match rolled_back {
             Some(reason) => {
                 let message = format!(
                     "upgrade failed: {reason}; rolled back to zdd {} (master pid {pid}, generation {} with {alive} worker{} kept)",
                     env!("CARGO_PKG_VERSION"),
-                    master.generation,
+                    master.gens.generation(),
                     if alive == 1 { "" } else { "s" }
                 );
                 error!(master.log, "{}", message);
@@ -410,18 +417,18 @@ impl Master {
             None => {
                 info!(master.log, "upgraded: master re-executed";
                     "from_version" => &state.from_version, "version" => env!("CARGO_PKG_VERSION"),
-                    "workers" => alive, "generation" => master.generation, "pid" => pid);
+                    "workers" => alive, "generation" => master.gens.generation(), "pid" => pid);
                 let message = format!(
                     "upgraded: master pid {pid} now runs zdd {} (was {}); generation {} with {alive} worker{} kept",
                     env!("CARGO_PKG_VERSION"),
                     state.from_version,
-                    master.generation,
+                    master.gens.generation(),
                     if alive == 1 { "" } else { "s" }
                 );
                 Reply::ok(message, data)
             }
         };
-        for c in &mut master.conns {
+        for c in master.conns.values_mut() {
             c.send(&reply);
         }
         master
@@ -433,7 +440,7 @@ impl Master {
 pub const FAULT_ENV: &str = "ZDD_FAULT";
 
 /// What the fallible first step of a resume prepared.
-pub(super) struct Resumed {
+pub(super) struct Prepared {
     config: Rc<Config>,
     log: Logger,
     sink: Sink,

@@ -4,7 +4,9 @@
 //! SIGKILL. The deadline of each state is data inside the state, and one exhaustive `match` on
 //! (state, event) in [`transition`] is the only place states change: start, reload, crash
 //! restart and stop are all expressed as events fed to it. [`transition`] is pure (it returns
-//! the effects to carry out), so it is unit-tested with synthetic events and clocks.
+//! the effects to carry out), so it is unit-tested with synthetic events and clocks. The
+//! generations machine (`master::generations`) keeps each worker's state and feeds it; the
+//! loop's [`Worker`] holds only the process's I/O.
 
 pub mod cgroup;
 pub mod notify;
@@ -163,18 +165,14 @@ pub fn transition(state: State, event: Event, stop_timeout: Duration) -> (State,
     }
 }
 
-/// A started worker process.
+/// A started worker process as the loop holds it: what it does I/O with. Its lifecycle
+/// (state, deadlines, slot, last lines) lives in the generations machine under the same pid.
 pub struct Worker {
     pub pid: Pid,
+    /// Its generation, fixed at spawn: the tag of its log lines.
     pub generation: u64,
-    pub slot: usize,
-    pub state: State,
-    pub started: Instant,
     pub started_wall: std::time::SystemTime,
-    pub stop_signal: Signal,
-    pub stop_timeout: Duration,
     pub pipes: Vec<Pipe>,
-    pub tail: VecDeque<String>,
     pub status_text: Option<String>,
     /// The sockets it received; holding them keeps them open while it runs.
     pub listeners: Vec<Rc<Listener>>,
@@ -183,39 +181,23 @@ pub struct Worker {
     pub cgroup: Option<crate::worker::cgroup::WorkerCgroup>,
 }
 
-impl Worker {
-    /// Feed an event through [`transition`], carry out the signals, and return the effects
-    /// that the master must act on.
-    pub fn handle(&mut self, event: Event) -> Vec<Effect> {
-        let (next, effects) = transition(self.state, event, self.stop_timeout);
-        self.state = next;
-        effects
-            .into_iter()
-            .filter(|e| match e {
-                Effect::SendStopSignal => {
-                    // The whole group, as systemd's KillMode=control-group does, so that
-                    // wrappers' children hear it too.
-                    if killpg(self.pid, self.stop_signal).is_err() {
-                        let _ = kill(self.pid, self.stop_signal);
-                    }
-                    false
-                }
-                Effect::KillGroup => {
-                    if killpg(self.pid, Signal::SIGKILL).is_err() {
-                        let _ = kill(self.pid, Signal::SIGKILL);
-                    }
-                    if let Some(cg) = &self.cgroup {
-                        cg.kill();
-                    }
-                    false
-                }
-                _ => true,
-            })
-            .collect()
+/// Send `sig` to the process group `pid` leads (as systemd's KillMode=control-group does, so
+/// that wrappers' children hear it too), or to `pid` alone if that fails.
+pub fn signal_group(pid: Pid, sig: Signal) {
+    if killpg(pid, sig).is_err() {
+        let _ = kill(pid, sig);
     }
 }
 
 impl Worker {
+    /// SIGKILL its process group and its cgroup.
+    pub fn kill_group(&self) {
+        signal_group(self.pid, Signal::SIGKILL);
+        if let Some(cg) = &self.cgroup {
+            cg.kill();
+        }
+    }
+
     /// The worker has exited and is still a zombie (see [`exited_child`]): SIGKILL whatever is
     /// left of its process group and its cgroup. While the zombie exists its pid, and so the
     /// process group id, cannot be reused: after reaping, `killpg` could hit a stranger.

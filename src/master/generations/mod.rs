@@ -1,0 +1,547 @@
+//! The generations state machine: which worker starts, which stops, and when a reload commits
+//! or fails. Pure: no syscalls, no fds, no clock reads, no logging (a log record is an
+//! action like any other), so every transition is a unit test of a few lines (below).
+//!
+//! Theory of operation. The loop feeds [`Event`]s to [`Generations::handle`] with the time it
+//! read (`now`), and carries out the [`Action`]s it returns, in order: spawning, signalling,
+//! replying to control clients, logging. What an action produced (a spawned pid, a prepared
+//! reload, a spawn error) comes back as another event, fed at once. Before each poll the loop
+//! sends [`Event::Tick`]: due deadlines, then the generation logic (`advance`), which
+//! finishes the start-up, commits or fails a reload and starts the reload that was asked for
+//! meanwhile; [`Action::Exit`] from it says that stopping is over.
+//!
+//! Generations. Workers started together from one reading of the config form a generation.
+//! The serving generation has one [`Slot`] per worker position (crash-restart back-off). A
+//! reload first asks the loop to prepare the next generation ([`Action::PrepareReload`]: read
+//! the config, bind new listeners), then spawns its workers one slot after the other, and
+//! commits it once all of them are ready: the serving generation is asked to stop and the new
+//! one takes its place. If one of the new workers exits, cannot be spawned or misses its start
+//! timeout first, the whole new generation is killed and the serving one is untouched. Reload
+//! requests that arrive meanwhile set `reload_again`: one more reload after this one; control
+//! clients wait for an `attempt`'s outcome.
+//!
+//! Each worker's own state (`Starting → Ready → Stopping → Killed → Exited`) changes only
+//! through [`crate::worker::transition`].
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+use crate::clock;
+use crate::config::{Ready, Restart};
+use crate::worker::{transition, Effect, Event as WorkerEvent, ExitStatus, State};
+
+/// Crash back-off: 100 ms doubling up to 30 s, forgotten once a worker has lived 10 s.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub const BACKOFF_RESET: Duration = Duration::from_secs(10);
+
+/// A control connection, as the loop names it (unique for the master's lifetime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClientId(pub u64);
+
+/// What the decisions need of one reading of the config: plain data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Params {
+    pub count: usize,
+    pub restart: Restart,
+    pub ready: Ready,
+    pub start_timeout: Duration,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    /// `[master] max_draining` of this reading (applied at commit, see `limit_draining`).
+    pub max_draining: usize,
+}
+
+impl Params {
+    /// What the decisions take from a config.
+    pub fn of(config: &crate::config::Config) -> Params {
+        let w = &config.worker;
+        Params {
+            count: w.count,
+            restart: w.restart,
+            ready: w.ready,
+            start_timeout: w.start_timeout,
+            stop_signal: w.stop_signal,
+            stop_timeout: w.stop_timeout,
+            max_draining: config.master.max_draining,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The first generation is starting.
+    Starting,
+    Running,
+    Stopping,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+/// Crash-restart state of one worker position of the serving generation.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// A worker in this position has been ready at least once (what the first start waits for).
+    pub ready_once: bool,
+    pub failures: u32,
+    pub restarts: u32,
+    pub restart_at: Option<Instant>,
+}
+
+/// A worker as the machine knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    pub pid: Pid,
+    pub generation: u64,
+    pub slot: usize,
+    pub state: State,
+    pub started: Instant,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+    pub start_timeout: Duration,
+    /// Its last lines, for failure reports (see [`Generations::remember`]).
+    pub tail: std::collections::VecDeque<String>,
+}
+
+/// Who asked for a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopBy {
+    /// SIGTERM, SIGINT, SIGQUIT: a second one kills every worker at once.
+    Signal(Signal),
+    /// `zdd stop`: a second one changes nothing.
+    Control,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The master is up: spawn the first generation.
+    Start,
+    /// A [`Action::Spawn`] was carried out.
+    WorkerSpawned {
+        pid: Pid,
+        generation: u64,
+        slot: usize,
+    },
+    /// A [`Action::Spawn`] failed; `reason` is the whole message ("starting worker: …").
+    SpawnFailed {
+        generation: u64,
+        slot: usize,
+        reason: String,
+    },
+    /// READY=1 from the worker (or its process group).
+    WorkerReady {
+        pid: Pid,
+    },
+    /// Reaped. Its output up to its exit was given to [`Generations::remember`] first.
+    WorkerExited {
+        pid: Pid,
+        status: ExitStatus,
+    },
+    /// Between two polls (after a turn's other events, before the next poll; so also right
+    /// after `Start`): deadlines up to `now` are due, then the generation logic runs (the
+    /// start succeeds or fails, a reload commits or fails, the reload asked for meanwhile
+    /// starts). What one poll brought is judged together: a new worker that says READY=1 and
+    /// exits in the same turn fails its reload. After the Tick, the loop polls with
+    /// [`Generations::next_deadline`] as timeout, unless the Tick said [`Action::Exit`].
+    Tick,
+    /// SIGHUP (`from` = None) or a control client's reload.
+    ReloadRequested {
+        from: Option<ClientId>,
+        if_generation: Option<u64>,
+    },
+    /// The [`Action::PrepareReload`] read the config and bound the listeners.
+    ReloadPrepared {
+        generation: u64,
+        params: Params,
+    },
+    /// The [`Action::PrepareReload`] failed; `message` is the whole reply
+    /// ("reload failed; nothing changed: …").
+    ReloadPrepareFailed {
+        generation: u64,
+        message: String,
+    },
+    StopRequested {
+        by: StopBy,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// A log record's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kv {
+    U64(u64),
+    I64(i64),
+    Str(String),
+}
+
+/// What to tell systemd (the loop formats it; MONOTONIC_USEC is a clock read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Systemd {
+    /// `READY=1\nSTATUS={status}`
+    Ready { status: String },
+    /// `RELOADING=1\nMONOTONIC_USEC=…\nSTATUS=reloading: starting generation {generation}`
+    Reloading { generation: u64 },
+    /// `STOPPING=1\nSTATUS=stopping`
+    Stopping,
+    /// `EXTEND_TIMEOUT_USEC=…`
+    ExtendTimeout(Duration),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start the worker of `slot` with generation `generation`'s config and listeners (the
+    /// pending reload's if it is that one, else the serving ones); answer with
+    /// [`Event::WorkerSpawned`] or [`Event::SpawnFailed`].
+    Spawn {
+        generation: u64,
+        slot: usize,
+    },
+    /// Send `signal` to the worker's process group (its pid if that fails).
+    Signal {
+        pid: Pid,
+        signal: Signal,
+    },
+    /// SIGKILL the worker's process group and cgroup.
+    KillGroup {
+        pid: Pid,
+    },
+    /// Read the config, bind the new listeners, check credentials, hand the notify socket to
+    /// the new user; answer with [`Event::ReloadPrepared`] or [`Event::ReloadPrepareFailed`].
+    PrepareReload {
+        attempt: u64,
+        generation: u64,
+    },
+    /// The prepared generation serves now: update kept listeners in place, swap config and
+    /// listeners.
+    CommitReload {
+        generation: u64,
+    },
+    /// Drop the prepared config and listeners; when `failed`, give the notify socket back to
+    /// the serving workers' user.
+    DiscardReload {
+        generation: u64,
+        failed: bool,
+    },
+    /// A final answer to a control client.
+    Reply {
+        to: ClientId,
+        ok: bool,
+        message: String,
+        data: Value,
+    },
+    /// A progress line to a control client.
+    Progress {
+        to: ClientId,
+        message: String,
+    },
+    Log {
+        level: Level,
+        message: String,
+        kv: Vec<(&'static str, Kv)>,
+    },
+    /// The first generation is ready: tell a waiting `zdd start`.
+    StartSucceeded {
+        generation: u64,
+        workers: usize,
+    },
+    /// The start failed: tell a waiting `zdd start` (`failed {reason}`, then `\n| {line}` per
+    /// tail line). At most one of StartSucceeded and StartFailed ever goes out.
+    StartFailed {
+        reason: String,
+        tail: Vec<String>,
+    },
+    TellSystemd(Systemd),
+    /// The master is stopping: kill a running upgrade check, cancel waiting upgrades.
+    CancelUpgrade,
+    /// Every worker is gone after a stop: leave the loop with this code.
+    Exit {
+        code: i32,
+    },
+}
+
+/// Why a generation failed to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failure {
+    reason: String,
+    tail: Vec<String>,
+}
+
+/// A reload under way: `params` is None while the loop prepares it.
+#[derive(Debug, Clone)]
+struct Reload {
+    generation: u64,
+    params: Option<Params>,
+    failure: Option<Failure>,
+}
+
+/// What an outstanding [`Action::Spawn`] was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpawnFor {
+    /// One slot of a whole generation (first start or reload): the next follows once it is
+    /// spawned; a failure fails the generation.
+    Generation { count: usize },
+    /// A crash restart: a failure backs off again.
+    Restart,
+}
+
+/// The state machine.
+#[derive(Debug)]
+pub struct Generations {
+    phase: Phase,
+    generation: u64,
+    next_generation: u64,
+    params: Params,
+    slots: Vec<Slot>,
+    workers: Vec<Worker>,
+    reload: Option<Reload>,
+    reload_again: bool,
+    attempt: u64,
+    start_failure: Option<Failure>,
+    /// A StartSucceeded/StartFailed went out (only one ever does).
+    start_reported: bool,
+    exit_code: i32,
+    exit_sent: bool,
+    spawning: Vec<(u64, usize, SpawnFor)>,
+    /// Control clients waiting for a reload attempt's outcome.
+    waiters: Vec<(ClientId, u64)>,
+    /// The config file, for progress messages.
+    config_path: String,
+    out: Vec<Action>,
+}
+
+/// The state a resumed master (after an upgrade) starts from.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    pub generation: u64,
+    pub next_generation: u64,
+    pub attempt: u64,
+    pub params: Params,
+    pub slots: Vec<Slot>,
+    pub workers: Vec<Worker>,
+}
+
+impl Generations {
+    /// A fresh master: generation 1 is about to start ([`Event::Start`], then a Tick).
+    pub fn new(params: Params, config_path: impl Into<String>) -> Generations {
+        Generations {
+            phase: Phase::Starting,
+            generation: 1,
+            next_generation: 2,
+            slots: vec![Slot::default(); params.count],
+            params,
+            workers: Vec::new(),
+            reload: None,
+            reload_again: false,
+            attempt: 0,
+            start_failure: None,
+            start_reported: false,
+            exit_code: 0,
+            exit_sent: false,
+            spawning: Vec::new(),
+            waiters: Vec::new(),
+            config_path: config_path.into(),
+            out: Vec::new(),
+        }
+    }
+
+    /// After an upgrade: running, with the workers and slots handed over.
+    pub fn resume(state: Resumed, config_path: impl Into<String>) -> Generations {
+        let mut g = Generations::new(state.params, config_path);
+        g.phase = Phase::Running;
+        g.generation = state.generation;
+        g.next_generation = state.next_generation;
+        g.attempt = state.attempt;
+        g.slots = state.slots;
+        g.workers = state.workers;
+        g.start_reported = true;
+        g
+    }
+
+    // ---- read-only accessors -------------------------------------------------------------
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The serving generation (the starting one during the first start).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn next_generation(&self) -> u64 {
+        self.next_generation
+    }
+
+    /// Reload attempts started so far.
+    pub fn attempt(&self) -> u64 {
+        self.attempt
+    }
+
+    /// The generation a reload is building, if one is under way.
+    pub fn reloading(&self) -> Option<u64> {
+        self.reload.as_ref().map(|r| r.generation)
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    pub fn workers(&self) -> &[Worker] {
+        &self.workers
+    }
+
+    pub fn worker(&self, pid: Pid) -> Option<&Worker> {
+        self.workers.iter().find(|w| w.pid == pid)
+    }
+
+    /// Crash restarts of the worker's slot, for `status` (0 for other generations).
+    pub fn restarts(&self, w: &Worker) -> u32 {
+        if w.generation == self.generation {
+            self.slots.get(w.slot).map_or(0, |s| s.restarts)
+        } else {
+            0
+        }
+    }
+
+    /// Workers not reaped yet.
+    pub fn alive(&self) -> usize {
+        self.workers.iter().filter(|w| w.state.is_alive()).count()
+    }
+
+    /// The code [`Action::Exit`] will carry (the loop takes it from there).
+    #[cfg(test)]
+    pub fn exit_code(&self) -> i32 {
+        self.exit_code
+    }
+
+    /// Stopping, and every worker is gone.
+    pub fn finished(&self) -> bool {
+        self.phase == Phase::Stopping && self.workers.is_empty()
+    }
+
+    /// The earliest deadline: a worker's start timeout, delayed readiness or kill, or a
+    /// slot's restart.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.iter().filter_map(|w| w.state.deadline());
+        let restarts = self.slots.iter().filter_map(|s| s.restart_at);
+        workers.chain(restarts).min()
+    }
+
+    /// Why an upgrade cannot start now, if it cannot.
+    pub fn upgrade_refusal(&self) -> Option<&'static str> {
+        match (self.phase, &self.reload) {
+            (Phase::Starting, _) => Some("the first generation is still starting"),
+            (Phase::Stopping, _) => Some("the master is stopping"),
+            (Phase::Running, Some(_)) => Some("a reload is under way"),
+            (Phase::Running, None) => None,
+        }
+    }
+
+    /// `generation N serving (n workers)`.
+    pub fn serving_status(&self) -> String {
+        let n = self.params.count;
+        format!(
+            "generation {} serving ({n} worker{})",
+            self.generation,
+            if n == 1 { "" } else { "s" }
+        )
+    }
+
+    /// Keep `line` among the worker's last [`crate::worker::TAIL_LINES`], for failure
+    /// reports. Not an event: nothing is decided on it. The loop gives every line it logs for
+    /// a worker, and all of them before that worker's [`Event::WorkerExited`].
+    pub fn remember(&mut self, pid: Pid, line: &str) {
+        if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+            crate::worker::remember(&mut w.tail, line);
+        }
+    }
+
+    // ---- the transitions -------------------------------------------------------------------
+
+    /// Take one event that happened at `now`; return what the loop must do, in order.
+    pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Action> {
+        match event {
+            Event::Start => {
+                if self.phase == Phase::Starting && self.workers.is_empty() && self.spawning.is_empty() {
+                    let params = self.params.clone();
+                    self.spawn_generation(&params, self.generation);
+                }
+            }
+            Event::WorkerSpawned { pid, generation, slot } => self.spawned(now, pid, generation, slot),
+            Event::SpawnFailed {
+                generation,
+                slot,
+                reason,
+            } => self.spawn_failed(now, generation, slot, reason),
+            Event::WorkerReady { pid } => {
+                if let Some(i) = self.index(pid) {
+                    self.feed(now, i, WorkerEvent::Ready);
+                }
+            }
+            Event::WorkerExited { pid, status } => match self.index(pid) {
+                Some(i) => {
+                    self.feed(now, i, WorkerEvent::Exited(status));
+                    self.workers.remove(i);
+                }
+                None => self.log(
+                    Level::Debug,
+                    "reaped orphan".into(),
+                    vec![("status", Kv::Str(status.to_string())), ("pid", pid_kv(pid))],
+                ),
+            },
+            Event::Tick => {
+                self.tick(now);
+                self.advance(now);
+                if self.finished() && !self.exit_sent {
+                    self.exit_sent = true;
+                    self.out.push(Action::Exit { code: self.exit_code });
+                }
+            }
+            Event::ReloadRequested { from, if_generation } => self.request_reload(from, if_generation),
+            Event::ReloadPrepared { generation, params } => self.prepared(generation, params),
+            Event::ReloadPrepareFailed { generation, message } => self.prepare_failed(generation, message),
+            Event::StopRequested { by } => self.stop_requested(now, by),
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    fn index(&self, pid: Pid) -> Option<usize> {
+        self.workers.iter().position(|w| w.pid == pid)
+    }
+
+    fn log(&mut self, level: Level, message: String, kv: Vec<(&'static str, Kv)>) {
+        self.out.push(Action::Log { level, message, kv });
+    }
+
+    fn tell_systemd(&mut self, s: Systemd) {
+        self.out.push(Action::TellSystemd(s));
+    }
+}
+
+fn pid_kv(pid: Pid) -> Kv {
+    Kv::I64(pid.as_raw().into())
+}
+
+mod reload;
+mod workers;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,319 @@
+//! The reload side of the machine: the generation logic run on every Tick (`advance`),
+//! requests and their coalescing, preparing, committing and failing a reload, the draining cap.
+
+use super::*;
+
+impl Generations {
+    pub(super) fn log_failure(&mut self, what: &str, generation: u64, f: &Failure) {
+        let kv = || vec![("generation", Kv::U64(generation))];
+        self.log(Level::Error, format!("{what}: {}", f.reason), kv());
+        for line in &f.tail {
+            self.log(Level::Error, format!("  | {line}"), kv());
+        }
+    }
+
+    /// The generation logic: runs on every Tick.
+    pub(super) fn advance(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Starting => {
+                if let Some(f) = self.start_failure.take() {
+                    self.log_failure("start failed", self.generation, &f);
+                    self.report_start_failed(f.reason, f.tail);
+                    self.exit_code = 1;
+                    self.begin_stop(now);
+                } else if self.slots.iter().all(|s| s.ready_once) {
+                    // Every position has had a ready worker, even if one has crashed since (it
+                    // is being restarted): the start succeeded.
+                    self.phase = Phase::Running;
+                    self.log(
+                        Level::Info,
+                        "ready".into(),
+                        vec![
+                            ("workers", Kv::U64(self.params.count as u64)),
+                            ("generation", Kv::U64(self.generation)),
+                        ],
+                    );
+                    if !self.start_reported {
+                        self.start_reported = true;
+                        self.out.push(Action::StartSucceeded {
+                            generation: self.generation,
+                            workers: self.params.count,
+                        });
+                    }
+                    let status = self.serving_status();
+                    self.tell_systemd(Systemd::Ready { status });
+                }
+            }
+            Phase::Running => {
+                if let Some(r) = &self.reload {
+                    if r.failure.is_some() {
+                        self.fail_reload(now);
+                    } else if let Some(p) = &r.params {
+                        if self.ready_count(r.generation) == p.count {
+                            self.commit_reload(now);
+                        }
+                    }
+                }
+            }
+            Phase::Stopping => {}
+        }
+        // A reload asked for during the start or another reload: now, as the start or that
+        // reload ended.
+        if self.reload.is_none() && self.reload_again && self.phase == Phase::Running {
+            self.reload_again = false;
+            self.start_reload();
+        }
+    }
+
+    pub(super) fn ready_count(&self, generation: u64) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.generation == generation && w.state == State::Ready)
+            .count()
+    }
+
+    /// A reload asked for by SIGHUP (`from` = None) or by a control client.
+    pub(super) fn request_reload(&mut self, from: Option<ClientId>, if_generation: Option<u64>) {
+        let refuse = |m: &mut Generations, message: String| {
+            m.log(Level::Info, message.clone(), vec![]);
+            if let Some(to) = from {
+                m.out.push(Action::Reply {
+                    to,
+                    ok: false,
+                    message,
+                    data: Value::Null,
+                });
+            }
+        };
+        if self.phase == Phase::Stopping {
+            return refuse(self, "reload refused: the master is stopping".into());
+        }
+        if let Some(n) = if_generation {
+            if n != self.generation || self.phase == Phase::Starting {
+                let message = format!(
+                    "reload refused: generation {n} is not serving (generation {} is)",
+                    self.generation
+                );
+                return refuse(self, message);
+            }
+        }
+        // Which attempt will answer this request: the one under way if the caller only wants
+        // "a reload from generation N" and it is one; otherwise the next one to start (the
+        // config may have changed since the current attempt read it).
+        let busy = self.reload.is_some() || self.phase == Phase::Starting;
+        let attempt = if busy && if_generation.is_some() && self.reload.is_some() {
+            self.attempt
+        } else {
+            self.attempt + 1
+        };
+        if let Some(to) = from {
+            // A connection waits for one thing at a time: its latest request.
+            self.waiters.retain(|&(c, _)| c != to);
+            self.waiters.push((to, attempt));
+        }
+        if busy && attempt > self.attempt {
+            self.log(
+                Level::Info,
+                "reload requested while busy; one more will follow".into(),
+                vec![],
+            );
+            self.reload_again = true;
+            self.progress(attempt, "a reload is under way; this one will follow it".into());
+        } else if !busy {
+            self.start_reload();
+        }
+    }
+
+    /// Send a progress line to every client waiting for reload attempt `attempt`.
+    pub(super) fn progress(&mut self, attempt: u64, message: String) {
+        for &(to, a) in &self.waiters {
+            if a == attempt {
+                self.out.push(Action::Progress {
+                    to,
+                    message: message.clone(),
+                });
+            }
+        }
+    }
+
+    /// The current attempt ended: answer everyone waiting for it.
+    pub(super) fn finish_reload(&mut self, ok: bool, message: String, data: Value) {
+        let attempt = self.attempt;
+        let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|&(_, a)| a == attempt);
+        self.waiters = rest;
+        for (to, _) in done {
+            self.out.push(Action::Reply {
+                to,
+                ok,
+                message: message.clone(),
+                data: data.clone(),
+            });
+        }
+    }
+
+    pub(super) fn start_reload(&mut self) {
+        self.attempt += 1;
+        let generation = self.next_generation;
+        self.log(
+            Level::Info,
+            "reloading".into(),
+            vec![("generation", Kv::U64(generation))],
+        );
+        self.tell_systemd(Systemd::Reloading { generation });
+        self.progress(self.attempt, format!("reading {}", self.config_path));
+        self.reload = Some(Reload {
+            generation,
+            params: None,
+            failure: None,
+        });
+        self.out.push(Action::PrepareReload {
+            attempt: self.attempt,
+            generation,
+        });
+    }
+
+    pub(super) fn preparing(&self, generation: u64) -> bool {
+        matches!(&self.reload, Some(r) if r.generation == generation && r.params.is_none())
+    }
+
+    pub(super) fn prepared(&mut self, generation: u64, params: Params) {
+        if !self.preparing(generation) {
+            // Stopped meanwhile: nothing waits for it any more.
+            self.out.push(Action::DiscardReload {
+                generation,
+                failed: false,
+            });
+            return;
+        }
+        self.next_generation += 1;
+        self.progress(
+            self.attempt,
+            format!("starting generation {generation} ({} workers)", params.count),
+        );
+        if let Some(r) = &mut self.reload {
+            r.params = Some(params.clone());
+        }
+        self.spawn_generation(&params, generation);
+    }
+
+    pub(super) fn prepare_failed(&mut self, generation: u64, message: String) {
+        if !self.preparing(generation) {
+            return;
+        }
+        self.reload = None;
+        self.log(Level::Error, message.clone(), vec![("generation", Kv::U64(generation))]);
+        let status = format!("{message}; {}", self.serving_status());
+        self.tell_systemd(Systemd::Ready { status });
+        let data = json!({ "generation": self.generation });
+        self.finish_reload(false, message, data);
+    }
+
+    pub(super) fn commit_reload(&mut self, now: Instant) {
+        let Some(Reload {
+            generation,
+            params: Some(params),
+            ..
+        }) = self.reload.take()
+        else {
+            return;
+        };
+        let old = self.generation;
+        for i in 0..self.workers.len() {
+            if self.workers[i].generation != generation {
+                self.feed(now, i, WorkerEvent::Stop(now));
+            }
+        }
+        self.out.push(Action::CommitReload { generation });
+        self.generation = generation;
+        self.slots = vec![Slot::default(); params.count];
+        self.params = params;
+        let count = self.params.count;
+        self.log(
+            Level::Info,
+            "reload complete".into(),
+            vec![
+                ("old_generation", Kv::U64(old)),
+                ("workers", Kv::U64(count as u64)),
+                ("generation", Kv::U64(generation)),
+            ],
+        );
+        let message =
+            format!("reloaded: generation {generation} serving ({count} workers); generation {old} signalled to stop");
+        let status = self.serving_status();
+        self.tell_systemd(Systemd::Ready { status });
+        self.finish_reload(
+            true,
+            message,
+            json!({ "generation": generation, "old_generation": old }),
+        );
+        self.limit_draining(now);
+    }
+
+    /// Keep at most `max_draining` old generations stopping; kill the oldest beyond that.
+    pub(super) fn limit_draining(&mut self, now: Instant) {
+        let mut draining: Vec<u64> = self
+            .workers
+            .iter()
+            .filter(|w| w.generation != self.generation && matches!(w.state, State::Stopping { .. }))
+            .map(|w| w.generation)
+            .collect();
+        draining.sort_unstable();
+        draining.dedup();
+        let max = self.params.max_draining;
+        if draining.len() <= max {
+            return;
+        }
+        for &generation in &draining[..draining.len() - max] {
+            self.log(
+                Level::Warn,
+                "too many generations draining: killing the oldest".into(),
+                vec![
+                    ("max_draining", Kv::U64(max as u64)),
+                    ("generation", Kv::U64(generation)),
+                ],
+            );
+            for i in 0..self.workers.len() {
+                if self.workers[i].generation == generation {
+                    self.feed(now, i, WorkerEvent::Kill);
+                }
+            }
+        }
+    }
+
+    pub(super) fn fail_reload(&mut self, now: Instant) {
+        let Some(r) = self.reload.take() else { return };
+        for i in 0..self.workers.len() {
+            if self.workers[i].generation == r.generation {
+                self.feed(now, i, WorkerEvent::Kill);
+            }
+        }
+        self.out.push(Action::DiscardReload {
+            generation: r.generation,
+            failed: true,
+        });
+        let f = r.failure.unwrap_or(Failure {
+            reason: "unknown".into(),
+            tail: vec![],
+        });
+        self.log_failure("reload failed", r.generation, &f);
+        self.log(
+            Level::Info,
+            "still serving".into(),
+            vec![("generation", Kv::U64(self.generation))],
+        );
+        let message = format!(
+            "reload failed: {}; generation {} keeps serving",
+            f.reason, self.generation
+        );
+        self.tell_systemd(Systemd::Ready {
+            status: message.clone(),
+        });
+        let data = json!({ "generation": self.generation, "failed_generation": r.generation, "tail": f.tail });
+        self.finish_reload(false, message, data);
+        // Workers of the serving generation that exited (and were not restarted, by policy)
+        // while this reload was under way leave nothing to serve now.
+        self.stop_if_nothing_left(now);
+    }
+}

@@ -1,0 +1,1008 @@
+//! Unit tests of the generations state machine, driven by a fake loop.
+
+use super::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn params(count: usize) -> Params {
+    Params {
+        count,
+        restart: Restart::Always,
+        ready: Ready::Notify,
+        start_timeout: 10 * SEC,
+        stop_signal: Signal::SIGTERM,
+        stop_timeout: 5 * SEC,
+        max_draining: 2,
+    }
+}
+
+fn with_restart(count: usize, restart: Restart) -> Params {
+    Params {
+        restart,
+        ..params(count)
+    }
+}
+
+const FAIL: ExitStatus = ExitStatus::Code(1);
+const CLEAN: ExitStatus = ExitStatus::Code(0);
+const C1: ClientId = ClientId(1);
+const C2: ClientId = ClientId(2);
+const C3: ClientId = ClientId(3);
+
+/// A fake loop: it carries out spawns and reload preparations at once and feeds their
+/// results back, depth first, as the real loop does.
+struct Sim {
+    g: Generations,
+    now: Instant,
+    next_pid: i32,
+    /// Spawns of these (generation, slot) fail.
+    fail_spawn: Vec<(u64, usize)>,
+    /// What the next reload's preparation gives.
+    next: Result<Params, String>,
+}
+
+impl Sim {
+    fn new(p: Params) -> Sim {
+        Sim {
+            next: Ok(p.clone()),
+            g: Generations::new(p, "/etc/zdd.toml"),
+            now: Instant::now(),
+            next_pid: 100,
+            fail_spawn: vec![],
+        }
+    }
+
+    /// Started, every worker of generation 1 ready.
+    fn running(p: Params) -> Sim {
+        let mut s = Sim::new(p);
+        s.step(Event::Start);
+        s.ready_all(1);
+        assert_eq!(s.g.phase(), Phase::Running);
+        s
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+    }
+
+    /// One turn of the loop: the event, then the turn's Tick.
+    fn step(&mut self, ev: Event) -> Vec<Action> {
+        self.turn(vec![ev])
+    }
+
+    /// One turn of the loop with several events.
+    fn turn(&mut self, events: Vec<Event>) -> Vec<Action> {
+        let mut all = Vec::new();
+        for ev in events.into_iter().chain([Event::Tick]) {
+            let first = self.g.handle(self.now, ev);
+            self.carry_out(first, &mut all);
+        }
+        all
+    }
+
+    fn carry_out(&mut self, actions: Vec<Action>, all: &mut Vec<Action>) {
+        for a in actions {
+            let back = match a {
+                Action::Spawn { generation, slot } if self.fail_spawn.contains(&(generation, slot)) => {
+                    Some(Event::SpawnFailed {
+                        generation,
+                        slot,
+                        reason: "starting worker: exec: ENOENT".into(),
+                    })
+                }
+                Action::Spawn { generation, slot } => {
+                    self.next_pid += 1;
+                    Some(Event::WorkerSpawned {
+                        pid: Pid::from_raw(self.next_pid),
+                        generation,
+                        slot,
+                    })
+                }
+                Action::PrepareReload { generation, .. } => Some(match self.next.clone() {
+                    Ok(params) => Event::ReloadPrepared { generation, params },
+                    Err(message) => Event::ReloadPrepareFailed { generation, message },
+                }),
+                _ => None,
+            };
+            all.push(a);
+            if let Some(ev) = back {
+                let more = self.g.handle(self.now, ev);
+                self.carry_out(more, all);
+            }
+        }
+    }
+
+    fn pids(&self, generation: u64) -> Vec<Pid> {
+        self.g
+            .workers()
+            .iter()
+            .filter(|w| w.generation == generation)
+            .map(|w| w.pid)
+            .collect()
+    }
+
+    fn pid(&self, generation: u64, slot: usize) -> Pid {
+        self.g
+            .workers()
+            .iter()
+            .rev()
+            .find(|w| w.generation == generation && w.slot == slot)
+            .map(|w| w.pid)
+            .expect("no such worker")
+    }
+
+    fn ready_all(&mut self, generation: u64) -> Vec<Action> {
+        let mut all = Vec::new();
+        for pid in self.pids(generation) {
+            all.extend(self.step(Event::WorkerReady { pid }));
+        }
+        all
+    }
+
+    fn exit(&mut self, pid: Pid, status: ExitStatus) -> Vec<Action> {
+        self.step(Event::WorkerExited { pid, status })
+    }
+
+    fn reload(&mut self, from: Option<ClientId>) -> Vec<Action> {
+        self.step(Event::ReloadRequested {
+            from,
+            if_generation: None,
+        })
+    }
+
+    fn state(&self, pid: Pid) -> State {
+        self.g.worker(pid).map(|w| w.state).expect("no such worker")
+    }
+}
+
+fn spawns(a: &[Action]) -> Vec<(u64, usize)> {
+    a.iter()
+        .filter_map(|a| match a {
+            &Action::Spawn { generation, slot } => Some((generation, slot)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn killed(a: &[Action]) -> Vec<Pid> {
+    a.iter()
+        .filter_map(|a| match a {
+            &Action::KillGroup { pid } => Some(pid),
+            _ => None,
+        })
+        .collect()
+}
+
+fn signalled(a: &[Action]) -> Vec<Pid> {
+    a.iter()
+        .filter_map(|a| match a {
+            &Action::Signal { pid, .. } => Some(pid),
+            _ => None,
+        })
+        .collect()
+}
+
+fn replies(a: &[Action]) -> Vec<(ClientId, bool, String)> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Reply { to, ok, message, .. } => Some((*to, *ok, message.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reply_data(a: &[Action], client: ClientId) -> Value {
+    a.iter()
+        .find_map(|a| match a {
+            Action::Reply { to, data, .. } if *to == client => Some(data.clone()),
+            _ => None,
+        })
+        .expect("no reply")
+}
+
+fn progress(a: &[Action], client: ClientId) -> Vec<String> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Progress { to, message } if *to == client => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn prepares(a: &[Action]) -> usize {
+    a.iter().filter(|a| matches!(a, Action::PrepareReload { .. })).count()
+}
+
+fn logged(a: &[Action], text: &str) -> bool {
+    a.iter()
+        .any(|a| matches!(a, Action::Log { message, .. } if message.contains(text)))
+}
+
+fn exit_code(a: &[Action]) -> Option<i32> {
+    a.iter().find_map(|a| match a {
+        Action::Exit { code } => Some(*code),
+        _ => None,
+    })
+}
+
+/// Reap every worker that is left (as the loop would after they obeyed).
+fn reap_all(s: &mut Sim) -> Vec<Action> {
+    let mut all = Vec::new();
+    for pid in s.g.workers().iter().map(|w| w.pid).collect::<Vec<_>>() {
+        all.extend(s.exit(pid, ExitStatus::Signal(15)));
+    }
+    all
+}
+
+// ---- start ---------------------------------------------------------------------------
+
+#[test]
+fn start_spawns_every_slot_and_succeeds_once_all_are_ready() {
+    let mut s = Sim::new(params(3));
+    let a = s.step(Event::Start);
+    assert_eq!(spawns(&a), vec![(1, 0), (1, 1), (1, 2)]);
+    assert_eq!(a[0], Action::TellSystemd(Systemd::ExtendTimeout(15 * SEC)));
+    let pids = s.pids(1);
+    s.step(Event::WorkerReady { pid: pids[0] });
+    let a = s.step(Event::WorkerReady { pid: pids[1] });
+    assert_eq!(s.g.phase(), Phase::Starting);
+    assert!(!a.iter().any(|a| matches!(a, Action::StartSucceeded { .. })));
+    let a = s.step(Event::WorkerReady { pid: pids[2] });
+    assert_eq!(s.g.phase(), Phase::Running);
+    assert!(a.contains(&Action::StartSucceeded {
+        generation: 1,
+        workers: 3
+    }));
+    assert!(a.contains(&Action::TellSystemd(Systemd::Ready {
+        status: "generation 1 serving (3 workers)".into()
+    })));
+}
+
+#[test]
+fn start_fails_when_a_worker_exits_before_ready_with_its_last_lines() {
+    let mut s = Sim::new(params(2));
+    s.step(Event::Start);
+    let pid = s.pid(1, 1);
+    s.g.remember(pid, "Traceback (most recent call last):");
+    s.g.remember(pid, "ImportError: no module named app");
+    let a = s.exit(pid, ExitStatus::Code(3));
+    assert!(a.contains(&Action::StartFailed {
+        reason: format!("worker pid {pid} exited with status 3 during start-up"),
+        tail: vec![
+            "Traceback (most recent call last):".into(),
+            "ImportError: no module named app".into()
+        ],
+    }));
+    assert!(logged(&a, "  | ImportError"));
+    assert_eq!(s.g.phase(), Phase::Stopping);
+    assert_eq!(s.g.exit_code(), 1);
+    assert_eq!(signalled(&a), vec![s.pid(1, 0)]);
+    // The other worker goes, then the master.
+    let a = s.exit(s.pid(1, 0), ExitStatus::Signal(15));
+    assert_eq!(exit_code(&a), Some(1));
+    // Only one start report ever goes out.
+    assert_eq!(a.iter().filter(|a| matches!(a, Action::StartFailed { .. })).count(), 0);
+}
+
+#[test]
+fn start_fails_on_start_timeout() {
+    let mut s = Sim::new(params(1));
+    s.step(Event::Start);
+    let pid = s.pid(1, 0);
+    assert_eq!(s.g.next_deadline(), Some(s.now + 10 * SEC));
+    s.advance(10 * SEC - Duration::from_millis(1));
+    assert_eq!(s.step(Event::Tick), vec![]);
+    s.advance(Duration::from_millis(1));
+    let a = s.step(Event::Tick);
+    assert_eq!(killed(&a), vec![pid]);
+    assert!(a.contains(&Action::StartFailed {
+        reason: format!("worker pid {pid} did not become ready within 10s"),
+        tail: vec![],
+    }));
+    assert_eq!(s.state(pid), State::Killed);
+    let a = s.exit(pid, ExitStatus::Signal(9));
+    assert_eq!(exit_code(&a), Some(1));
+}
+
+#[test]
+fn start_stops_spawning_at_the_first_spawn_failure() {
+    let mut s = Sim::new(params(3));
+    s.fail_spawn.push((1, 1));
+    let a = s.step(Event::Start);
+    assert_eq!(spawns(&a), vec![(1, 0), (1, 1)]);
+    assert!(a.contains(&Action::StartFailed {
+        reason: "starting worker: exec: ENOENT".into(),
+        tail: vec![],
+    }));
+    assert_eq!(signalled(&a), vec![s.pid(1, 0)]);
+    assert_eq!(s.g.phase(), Phase::Stopping);
+}
+
+#[test]
+fn ready_worker_crashing_during_start_is_restarted_and_the_start_succeeds() {
+    let mut s = Sim::new(params(2));
+    s.step(Event::Start);
+    let (w0, w1) = (s.pid(1, 0), s.pid(1, 1));
+    s.step(Event::WorkerReady { pid: w0 });
+    let a = s.exit(w0, FAIL);
+    assert!(!a.iter().any(|a| matches!(a, Action::StartFailed { .. })));
+    assert!(logged(&a, "worker exited unexpectedly; restarting"));
+    assert_eq!(s.g.slots()[0].restart_at, Some(s.now + BACKOFF_MIN));
+    // Every slot has been ready once: the start succeeded, though slot 0 is restarting.
+    let a = s.step(Event::WorkerReady { pid: w1 });
+    assert!(a.contains(&Action::StartSucceeded {
+        generation: 1,
+        workers: 2
+    }));
+    s.advance(BACKOFF_MIN);
+    let a = s.step(Event::Tick);
+    assert_eq!(spawns(&a), vec![(1, 0)]);
+    assert_eq!(s.g.slots()[0].restarts, 1);
+}
+
+#[test]
+fn delay_readiness_makes_workers_ready_at_their_time() {
+    let mut s = Sim::new(Params {
+        ready: Ready::Delay(2 * SEC),
+        ..params(1)
+    });
+    s.step(Event::Start);
+    assert_eq!(s.g.next_deadline(), Some(s.now + 2 * SEC));
+    s.advance(2 * SEC);
+    let a = s.step(Event::Tick);
+    assert!(a.contains(&Action::StartSucceeded {
+        generation: 1,
+        workers: 1
+    }));
+    assert_eq!(s.state(s.pid(1, 0)), State::Ready);
+}
+
+#[test]
+fn stop_during_start_reports_the_start_as_failed() {
+    let mut s = Sim::new(params(1));
+    s.step(Event::Start);
+    let a = s.step(Event::StopRequested {
+        by: StopBy::Signal(Signal::SIGTERM),
+    });
+    assert!(a.contains(&Action::StartFailed {
+        reason: "the master was stopped during start-up".into(),
+        tail: vec![],
+    }));
+    assert_eq!(s.g.exit_code(), 0);
+    let a = reap_all(&mut s);
+    assert_eq!(exit_code(&a), Some(0));
+}
+
+// ---- reload ----------------------------------------------------------------------------
+
+#[test]
+fn reload_commits_once_every_new_worker_is_ready() {
+    let mut s = Sim::running(params(2));
+    let old = s.pids(1);
+    let a = s.reload(Some(C1));
+    assert_eq!(
+        progress(&a, C1),
+        vec!["reading /etc/zdd.toml", "starting generation 2 (2 workers)"]
+    );
+    assert!(a.contains(&Action::TellSystemd(Systemd::Reloading { generation: 2 })));
+    assert_eq!(spawns(&a), vec![(2, 0), (2, 1)]);
+    assert_eq!(s.g.reloading(), Some(2));
+    assert_eq!(s.g.next_generation(), 3);
+    let new = s.pids(2);
+    let a = s.step(Event::WorkerReady { pid: new[0] });
+    assert!(signalled(&a).is_empty());
+    let a = s.step(Event::WorkerReady { pid: new[1] });
+    assert_eq!(signalled(&a), old);
+    assert!(a.contains(&Action::CommitReload { generation: 2 }));
+    assert_eq!(
+        replies(&a),
+        vec![(
+            C1,
+            true,
+            "reloaded: generation 2 serving (2 workers); generation 1 signalled to stop".into()
+        )]
+    );
+    assert_eq!(reply_data(&a, C1), json!({ "generation": 2, "old_generation": 1 }));
+    assert_eq!(s.g.generation(), 2);
+    assert_eq!(s.g.reloading(), None);
+    assert!(matches!(s.state(old[0]), State::Stopping { .. }));
+    // The old workers leave as asked: no restart.
+    let a = s.exit(old[0], CLEAN);
+    assert!(logged(&a, "worker exited"));
+    assert!(s.g.slots().iter().all(|sl| sl.restart_at.is_none()));
+}
+
+#[test]
+fn reload_asked_for_while_starting_runs_once_the_start_succeeded() {
+    let mut s = Sim::new(params(1));
+    s.step(Event::Start);
+    let a = s.reload(Some(C1));
+    assert_eq!(prepares(&a), 0);
+    assert_eq!(progress(&a, C1), vec!["a reload is under way; this one will follow it"]);
+    let a = s.ready_all(1);
+    assert!(a.contains(&Action::StartSucceeded {
+        generation: 1,
+        workers: 1
+    }));
+    assert_eq!(prepares(&a), 1);
+    assert_eq!(s.g.reloading(), Some(2));
+    assert_eq!(s.g.attempt(), 1);
+    let a = s.ready_all(2);
+    assert_eq!(replies(&a).len(), 1);
+    assert!(replies(&a)[0].1);
+}
+
+#[test]
+fn reloads_asked_for_during_a_reload_coalesce_into_one_more() {
+    let mut s = Sim::running(params(1));
+    s.reload(Some(C1));
+    let a = s.reload(Some(C2));
+    assert_eq!(prepares(&a), 0);
+    s.reload(Some(C3));
+    s.reload(None);
+    let a = s.ready_all(2);
+    // Attempt 1 answers its client; attempt 2 starts at once, for everyone else.
+    assert_eq!(replies(&a), vec![(C1, true, replies(&a)[0].2.clone())]);
+    assert_eq!(prepares(&a), 1);
+    assert_eq!(s.g.reloading(), Some(3));
+    let a = s.ready_all(3);
+    let r = replies(&a);
+    assert_eq!(r.iter().map(|r| r.0).collect::<Vec<_>>(), vec![C2, C3]);
+    assert_eq!(prepares(&a), 0);
+    assert_eq!(s.g.generation(), 3);
+    assert_eq!(s.g.attempt(), 2);
+}
+
+#[test]
+fn if_generation_joins_the_reload_under_way() {
+    let mut s = Sim::running(params(1));
+    s.reload(Some(C1));
+    let a = s.step(Event::ReloadRequested {
+        from: Some(C2),
+        if_generation: Some(1),
+    });
+    assert!(a.is_empty());
+    let a = s.ready_all(2);
+    let r = replies(&a);
+    assert_eq!(
+        r.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        vec![(C1, true), (C2, true)]
+    );
+    // Nothing follows: no one asked for another reading of the config.
+    assert_eq!(prepares(&a), 0);
+}
+
+#[test]
+fn if_generation_is_refused_unless_that_generation_serves() {
+    let cases: [(bool, u64, &str); 3] = [
+        // (started, if_generation, refusal)
+        (true, 7, "reload refused: generation 7 is not serving (generation 1 is)"),
+        (
+            false,
+            1,
+            "reload refused: generation 1 is not serving (generation 1 is)",
+        ),
+        (
+            false,
+            2,
+            "reload refused: generation 2 is not serving (generation 1 is)",
+        ),
+    ];
+    for (started, n, refusal) in cases {
+        let mut s = if started {
+            Sim::running(params(1))
+        } else {
+            let mut s = Sim::new(params(1));
+            s.step(Event::Start);
+            s
+        };
+        let a = s.step(Event::ReloadRequested {
+            from: Some(C1),
+            if_generation: Some(n),
+        });
+        assert_eq!(replies(&a), vec![(C1, false, refusal.into())]);
+        assert_eq!(prepares(&a), 0);
+        assert_eq!(s.g.attempt(), 0);
+        // Refused requests do not queue anything.
+        let a = s.ready_all(1);
+        assert_eq!(prepares(&a), 0);
+    }
+}
+
+#[test]
+fn reload_is_refused_while_stopping() {
+    let mut s = Sim::running(params(1));
+    s.step(Event::StopRequested { by: StopBy::Control });
+    let a = s.reload(Some(C1));
+    assert_eq!(
+        replies(&a),
+        vec![(C1, false, "reload refused: the master is stopping".into())]
+    );
+}
+
+#[test]
+fn reload_preparation_failure_changes_nothing() {
+    let mut s = Sim::running(params(1));
+    s.next = Err("reload failed: invalid config; nothing changed: bad key".into());
+    let a = s.reload(Some(C1));
+    assert_eq!(
+        replies(&a),
+        vec![(
+            C1,
+            false,
+            "reload failed: invalid config; nothing changed: bad key".into()
+        )]
+    );
+    assert_eq!(reply_data(&a, C1), json!({ "generation": 1 }));
+    assert!(a.contains(&Action::TellSystemd(Systemd::Ready {
+        status: "reload failed: invalid config; nothing changed: bad key; generation 1 serving (1 worker)".into()
+    })));
+    assert!(spawns(&a).is_empty());
+    assert_eq!(s.g.reloading(), None);
+    assert_eq!(s.g.next_generation(), 2);
+    assert_eq!(s.g.attempt(), 1);
+    // The next attempt builds generation 2.
+    s.next = Ok(params(1));
+    let a = s.reload(None);
+    assert_eq!(spawns(&a), vec![(2, 0)]);
+}
+
+/// A new worker that fails mid-reload fails the whole new generation; the serving one is
+/// untouched.
+#[test]
+fn new_worker_failing_mid_reload_fails_the_reload() {
+    let cases: [(&str, Option<ExitStatus>, &str); 3] = [
+        ("exits 1", Some(FAIL), "exited with status 1 during start-up"),
+        ("exits 0", Some(CLEAN), "exited with status 0 during start-up"),
+        ("times out", None, "did not become ready within 10s"),
+    ];
+    for (what, exit, reason) in cases {
+        let mut s = Sim::running(params(2));
+        let old = s.pids(1);
+        s.reload(Some(C1));
+        let (n0, n1) = (s.pid(2, 0), s.pid(2, 1));
+        s.step(Event::WorkerReady { pid: n1 });
+        s.g.remember(n0, "last words");
+        let a = match exit {
+            Some(status) => s.exit(n0, status),
+            None => {
+                s.advance(10 * SEC);
+                s.step(Event::Tick)
+            }
+        };
+        let expect_killed = if exit.is_some() { vec![n1] } else { vec![n0, n1] };
+        assert_eq!(killed(&a), expect_killed, "{what}");
+        assert!(a.contains(&Action::DiscardReload {
+            generation: 2,
+            failed: true
+        }));
+        let message = format!("reload failed: worker pid {n0} {reason}; generation 1 keeps serving");
+        assert_eq!(replies(&a), vec![(C1, false, message.clone())], "{what}");
+        assert_eq!(
+            reply_data(&a, C1),
+            json!({ "generation": 1, "failed_generation": 2, "tail": ["last words"] })
+        );
+        assert!(a.contains(&Action::TellSystemd(Systemd::Ready { status: message })));
+        assert!(signalled(&a).is_empty(), "{what}");
+        assert_eq!(s.g.generation(), 1);
+        assert_eq!(s.g.reloading(), None);
+        for pid in &old {
+            assert_eq!(s.state(*pid), State::Ready);
+        }
+        // The killed new workers leave quietly.
+        let a = s.exit(n1, ExitStatus::Signal(9));
+        assert!(spawns(&a).is_empty());
+        assert_eq!(s.g.phase(), Phase::Running);
+    }
+}
+
+#[test]
+fn new_worker_ready_then_gone_in_the_same_turn_fails_the_reload() {
+    let mut s = Sim::running(params(1));
+    s.reload(Some(C1));
+    let n = s.pid(2, 0);
+    let a = s.turn(vec![
+        Event::WorkerReady { pid: n },
+        Event::WorkerExited { pid: n, status: FAIL },
+    ]);
+    assert!(!a.contains(&Action::CommitReload { generation: 2 }));
+    assert!(!replies(&a)[0].1);
+    assert_eq!(s.g.generation(), 1);
+    // One turn later, it is a crash of the serving generation instead.
+    s.reload(Some(C1));
+    let n = s.pid(3, 0);
+    let a = s.step(Event::WorkerReady { pid: n });
+    assert!(a.contains(&Action::CommitReload { generation: 3 }));
+    let a = s.exit(n, FAIL);
+    assert!(logged(&a, "worker exited unexpectedly; restarting"));
+}
+
+#[test]
+fn reload_asked_for_in_the_turn_a_reload_failed_follows_it() {
+    let mut s = Sim::running(params(1));
+    s.reload(Some(C1));
+    let n = s.pid(2, 0);
+    let a = s.turn(vec![
+        Event::WorkerExited { pid: n, status: FAIL },
+        Event::ReloadRequested {
+            from: Some(C2),
+            if_generation: None,
+        },
+    ]);
+    assert_eq!(
+        replies(&a).iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        vec![(C1, false)]
+    );
+    assert_eq!(prepares(&a), 1);
+    assert_eq!(s.g.reloading(), Some(3));
+    let a = s.ready_all(3);
+    assert_eq!(
+        replies(&a).iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        vec![(C2, true)]
+    );
+}
+
+#[test]
+fn reload_with_one_of_n_slots_failing_to_spawn_kills_the_others() {
+    let mut s = Sim::running(params(3));
+    s.fail_spawn.push((2, 1));
+    let a = s.reload(Some(C1));
+    assert_eq!(spawns(&a), vec![(2, 0), (2, 1)]);
+    let n0 = s.pid(2, 0);
+    assert_eq!(killed(&a), vec![n0]);
+    assert_eq!(
+        replies(&a),
+        vec![(
+            C1,
+            false,
+            "reload failed: starting worker: exec: ENOENT; generation 1 keeps serving".into()
+        )]
+    );
+    assert_eq!(s.g.generation(), 1);
+    assert_eq!(s.g.next_generation(), 3);
+}
+
+#[test]
+fn max_draining_kills_the_oldest_generation() {
+    let mut s = Sim::running(Params {
+        max_draining: 1,
+        ..params(1)
+    });
+    let g1 = s.pid(1, 0);
+    s.reload(None);
+    s.ready_all(2);
+    let g2 = s.pid(2, 0);
+    assert!(matches!(s.state(g1), State::Stopping { .. }));
+    s.reload(None);
+    let a = s.ready_all(3);
+    // Generation 1 and 2 both drain: 1 is one too many.
+    assert_eq!(killed(&a), vec![g1]);
+    assert_eq!(signalled(&a), vec![g2]);
+    assert!(logged(&a, "too many generations draining"));
+    assert!(matches!(s.state(g2), State::Stopping { .. }));
+}
+
+#[test]
+fn stop_during_a_reload_cancels_it() {
+    let mut s = Sim::running(params(1));
+    s.reload(Some(C1));
+    s.reload(Some(C2));
+    let a = s.step(Event::StopRequested {
+        by: StopBy::Signal(Signal::SIGINT),
+    });
+    assert_eq!(
+        replies(&a),
+        vec![
+            (C1, false, "reload cancelled: the master is stopping".into()),
+            (C2, false, "reload cancelled: the master is stopping".into()),
+        ]
+    );
+    assert!(a.contains(&Action::DiscardReload {
+        generation: 2,
+        failed: false
+    }));
+    assert!(a.contains(&Action::CancelUpgrade));
+    assert!(a.contains(&Action::TellSystemd(Systemd::Stopping)));
+    assert_eq!(signalled(&a), vec![s.pid(1, 0), s.pid(2, 0)]);
+    assert_eq!(s.g.reloading(), None);
+    // The new worker becoming ready now commits nothing.
+    let a = s.step(Event::WorkerReady { pid: s.pid(2, 0) });
+    assert!(a.is_empty());
+    let a = reap_all(&mut s);
+    assert_eq!(exit_code(&a), Some(0));
+    assert!(spawns(&a).is_empty());
+}
+
+#[test]
+fn old_worker_exiting_during_a_reload_under_each_policy() {
+    // (policy, exit status, restarted, commit: master stops after a failed reload)
+    let cases = [
+        (Restart::Always, CLEAN, true),
+        (Restart::Always, FAIL, true),
+        (Restart::OnFailure, CLEAN, false),
+        (Restart::OnFailure, FAIL, true),
+        (Restart::Never, CLEAN, false),
+        (Restart::Never, FAIL, false),
+    ];
+    for (policy, status, restarted) in cases {
+        for reload_succeeds in [true, false] {
+            let what = format!("{policy:?} {status} reload_succeeds={reload_succeeds}");
+            let mut s = Sim::running(with_restart(1, policy));
+            s.reload(None);
+            let a = s.exit(s.pid(1, 0), status);
+            assert_eq!(s.g.slots()[0].restart_at.is_some(), restarted, "{what}");
+            // The starting generation counts as live: the master does not stop.
+            assert_eq!(s.g.phase(), Phase::Running, "{what}");
+            assert!(signalled(&a).is_empty(), "{what}");
+            let a = if reload_succeeds {
+                s.ready_all(2)
+            } else {
+                s.exit(s.pid(2, 0), FAIL)
+            };
+            if reload_succeeds {
+                assert_eq!(s.g.generation(), 2, "{what}");
+                assert_eq!(s.g.phase(), Phase::Running, "{what}");
+                // The new generation's slots start afresh.
+                assert!(s.g.slots()[0].restart_at.is_none(), "{what}");
+            } else if restarted {
+                assert_eq!(s.g.phase(), Phase::Running, "{what}");
+            } else {
+                // Nothing serves and nothing will: the master stops.
+                assert!(logged(&a, "no workers left and none to restart"), "{what}");
+                assert_eq!(s.g.phase(), Phase::Stopping, "{what}");
+                assert_eq!(s.g.exit_code(), i32::from(status != CLEAN), "{what}");
+            }
+        }
+    }
+}
+
+// ---- crashes and restarts --------------------------------------------------------------
+
+#[test]
+fn restart_policies_decide_what_a_crash_does() {
+    // (policy, status, restarted, master stops, exit code)
+    let cases = [
+        (Restart::Always, CLEAN, true, false, 0),
+        (Restart::Always, FAIL, true, false, 0),
+        (Restart::Always, ExitStatus::Signal(9), true, false, 0),
+        (Restart::OnFailure, CLEAN, false, true, 0),
+        (Restart::OnFailure, FAIL, true, false, 0),
+        (Restart::Never, CLEAN, false, true, 0),
+        (Restart::Never, FAIL, false, true, 1),
+    ];
+    for (policy, status, restarted, stops, code) in cases {
+        let what = format!("{policy:?} {status}");
+        let mut s = Sim::running(with_restart(1, policy));
+        let a = s.exit(s.pid(1, 0), status);
+        assert_eq!(s.g.slots()[0].restart_at.is_some(), restarted, "{what}");
+        assert_eq!(s.g.phase() == Phase::Stopping, stops, "{what}");
+        assert_eq!(exit_code(&a), stops.then_some(code), "{what}");
+        if !restarted {
+            assert!(logged(&a, "not restarting (restart policy)"), "{what}");
+        }
+    }
+}
+
+#[test]
+fn clean_exit_under_on_failure_keeps_the_master_while_others_serve() {
+    let mut s = Sim::running(with_restart(2, Restart::OnFailure));
+    s.exit(s.pid(1, 0), CLEAN);
+    assert_eq!(s.g.phase(), Phase::Running);
+    let a = s.exit(s.pid(1, 1), CLEAN);
+    assert_eq!(s.g.phase(), Phase::Stopping);
+    assert_eq!(exit_code(&a), Some(0));
+}
+
+#[test]
+fn crash_restart_back_off_doubles_up_to_its_cap() {
+    let mut s = Sim::running(params(1));
+    let mut delays = Vec::new();
+    for _ in 0..12 {
+        s.exit(s.pid(1, 0), FAIL);
+        let at = s.g.slots()[0].restart_at.expect("restart scheduled");
+        delays.push(at - s.now);
+        assert_eq!(s.g.next_deadline(), Some(at));
+        s.now = at;
+        let a = s.step(Event::Tick);
+        assert_eq!(spawns(&a), vec![(1, 0)]);
+    }
+    let ms: Vec<u128> = delays.iter().map(|d| d.as_millis()).collect();
+    assert_eq!(
+        ms,
+        vec![100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000]
+    );
+    assert_eq!(s.g.slots()[0].restarts, 12);
+    assert_eq!(s.g.restarts(&s.g.workers()[0]), 12);
+}
+
+#[test]
+fn crash_back_off_is_forgotten_after_a_healthy_run() {
+    let mut s = Sim::running(params(1));
+    for _ in 0..3 {
+        s.exit(s.pid(1, 0), FAIL);
+        s.now = s.g.slots()[0].restart_at.expect("restart");
+        s.step(Event::Tick);
+    }
+    assert_eq!(s.g.slots()[0].failures, 3);
+    let pid = s.pid(1, 0);
+    s.step(Event::WorkerReady { pid });
+    s.advance(BACKOFF_RESET);
+    s.exit(pid, FAIL);
+    assert_eq!(s.g.slots()[0].failures, 1);
+    assert_eq!(s.g.slots()[0].restart_at, Some(s.now + BACKOFF_MIN));
+}
+
+#[test]
+fn a_failed_restart_spawn_backs_off_again() {
+    let mut s = Sim::running(params(1));
+    s.exit(s.pid(1, 0), FAIL);
+    s.fail_spawn.push((1, 0));
+    s.advance(BACKOFF_MIN);
+    let a = s.step(Event::Tick);
+    assert_eq!(spawns(&a), vec![(1, 0)]);
+    assert!(logged(&a, "starting worker: exec: ENOENT"));
+    assert_eq!(s.g.slots()[0].failures, 2);
+    assert_eq!(s.g.slots()[0].restart_at, Some(s.now + 2 * BACKOFF_MIN));
+    assert_eq!(s.g.phase(), Phase::Running);
+}
+
+#[test]
+fn restarted_worker_missing_its_start_timeout_is_a_crash() {
+    let mut s = Sim::running(params(1));
+    s.exit(s.pid(1, 0), FAIL);
+    s.advance(BACKOFF_MIN);
+    s.step(Event::Tick);
+    let pid = s.pid(1, 0);
+    s.advance(10 * SEC);
+    let a = s.step(Event::Tick);
+    assert_eq!(killed(&a), vec![pid]);
+    assert!(logged(&a, "did not become ready within 10s"));
+    assert_eq!(s.g.slots()[0].restart_at, Some(s.now + 2 * BACKOFF_MIN));
+    // Its exit after the kill was asked for: nothing more.
+    let a = s.exit(pid, ExitStatus::Signal(9));
+    assert!(logged(&a, "worker exited"));
+    assert_eq!(s.g.slots()[0].failures, 2);
+}
+
+#[test]
+fn old_generation_exiting_after_commit_is_not_restarted() {
+    let mut s = Sim::running(with_restart(1, Restart::Never));
+    let old = s.pid(1, 0);
+    s.reload(None);
+    s.ready_all(2);
+    let a = s.exit(old, FAIL);
+    assert!(logged(&a, "worker exited"));
+    assert!(spawns(&a).is_empty());
+    assert_eq!(s.g.phase(), Phase::Running);
+    assert_eq!(s.g.exit_code(), 0);
+}
+
+// ---- stop --------------------------------------------------------------------------------
+
+#[test]
+fn stop_signals_every_worker_and_kills_after_stop_timeout() {
+    let mut s = Sim::running(params(2));
+    let pids = s.pids(1);
+    let a = s.step(Event::StopRequested { by: StopBy::Control });
+    assert_eq!(signalled(&a), pids);
+    assert!(a.contains(&Action::Signal {
+        pid: pids[0],
+        signal: Signal::SIGTERM
+    }));
+    assert_eq!(s.g.next_deadline(), Some(s.now + 5 * SEC));
+    s.advance(5 * SEC);
+    let a = s.step(Event::Tick);
+    assert_eq!(killed(&a), pids);
+    let a = s.exit(pids[0], ExitStatus::Signal(9));
+    assert_eq!(exit_code(&a), None);
+    let a = s.exit(pids[1], ExitStatus::Signal(9));
+    assert_eq!(exit_code(&a), Some(0));
+    assert!(s.g.finished());
+}
+
+#[test]
+fn second_stop_signal_kills_but_a_second_control_stop_does_not() {
+    let mut s = Sim::running(params(2));
+    s.step(Event::StopRequested {
+        by: StopBy::Signal(Signal::SIGTERM),
+    });
+    let a = s.step(Event::StopRequested { by: StopBy::Control });
+    assert!(a.is_empty());
+    let a = s.step(Event::StopRequested {
+        by: StopBy::Signal(Signal::SIGQUIT),
+    });
+    assert_eq!(killed(&a), s.pids(1));
+    assert!(logged(&a, "second stop signal"));
+    // A third one has nothing left to do.
+    let a = s.step(Event::StopRequested {
+        by: StopBy::Signal(Signal::SIGTERM),
+    });
+    assert!(killed(&a).is_empty());
+}
+
+#[test]
+fn stop_cancels_pending_crash_restarts() {
+    let mut s = Sim::running(params(2));
+    s.exit(s.pid(1, 0), FAIL);
+    s.step(Event::StopRequested { by: StopBy::Control });
+    assert!(s.g.slots().iter().all(|sl| sl.restart_at.is_none()));
+    s.advance(BACKOFF_MAX);
+    let a = s.step(Event::Tick);
+    assert!(spawns(&a).is_empty());
+    // A worker that exits on its own while stopping is not restarted either.
+    let a = s.exit(s.pid(1, 1), FAIL);
+    assert!(spawns(&a).is_empty());
+    assert_eq!(exit_code(&a), Some(0));
+}
+
+// ---- odds and ends -------------------------------------------------------------------------
+
+#[test]
+fn events_for_unknown_pids_change_nothing() {
+    let mut s = Sim::running(params(1));
+    let stranger = Pid::from_raw(4242);
+    assert!(s.step(Event::WorkerReady { pid: stranger }).is_empty());
+    let a = s.exit(stranger, FAIL);
+    assert!(logged(&a, "reaped orphan"));
+    assert_eq!(a.len(), 1);
+    assert_eq!(s.g.phase(), Phase::Running);
+}
+
+#[test]
+fn upgrade_is_refused_while_starting_reloading_or_stopping() {
+    let mut s = Sim::new(params(1));
+    s.step(Event::Start);
+    assert_eq!(s.g.upgrade_refusal(), Some("the first generation is still starting"));
+    s.ready_all(1);
+    assert_eq!(s.g.upgrade_refusal(), None);
+    s.reload(None);
+    assert_eq!(s.g.upgrade_refusal(), Some("a reload is under way"));
+    s.ready_all(2);
+    assert_eq!(s.g.upgrade_refusal(), None);
+    s.step(Event::StopRequested { by: StopBy::Control });
+    assert_eq!(s.g.upgrade_refusal(), Some("the master is stopping"));
+}
+
+#[test]
+fn resumed_machine_runs_the_handed_over_generation() {
+    let now = Instant::now();
+    let worker = Worker {
+        pid: Pid::from_raw(7),
+        generation: 4,
+        slot: 0,
+        state: State::Ready,
+        started: now,
+        stop_signal: Signal::SIGTERM,
+        stop_timeout: 5 * SEC,
+        start_timeout: 10 * SEC,
+        tail: Default::default(),
+    };
+    let mut g = Generations::resume(
+        Resumed {
+            generation: 4,
+            next_generation: 6,
+            attempt: 3,
+            params: params(1),
+            slots: vec![Slot {
+                ready_once: true,
+                ..Slot::default()
+            }],
+            workers: vec![worker],
+        },
+        "/etc/zdd.toml",
+    );
+    assert_eq!(g.phase(), Phase::Running);
+    let a = g.handle(
+        now,
+        Event::ReloadRequested {
+            from: None,
+            if_generation: Some(4),
+        },
+    );
+    assert!(a.contains(&Action::PrepareReload {
+        attempt: 4,
+        generation: 6
+    }));
+    let a = g.handle(now, Event::StopRequested { by: StopBy::Control });
+    assert!(!a.iter().any(|a| matches!(a, Action::StartFailed { .. })));
+}

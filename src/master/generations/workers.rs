@@ -1,0 +1,376 @@
+//! The workers' side of the machine: spawning a generation slot by slot, each worker's
+//! transitions and what they mean for its generation, crash restarts with back-off, and stop.
+
+use super::*;
+
+impl Generations {
+    /// The parameters of a generation: the pending reload's, or the serving ones.
+    pub(super) fn params_of(&self, generation: u64) -> Params {
+        match &self.reload {
+            Some(Reload {
+                generation: g,
+                params: Some(p),
+                ..
+            }) if *g == generation => p.clone(),
+            _ => self.params.clone(),
+        }
+    }
+
+    /// Start every worker of a generation, one slot after the other (the next once the loop
+    /// reported the previous one spawned); the first that cannot be started fails it.
+    pub(super) fn spawn_generation(&mut self, params: &Params, generation: u64) {
+        // Workers may take up to start_timeout to be ready: let systemd wait that long too.
+        let extend = params.start_timeout.saturating_add(Duration::from_secs(5));
+        self.tell_systemd(Systemd::ExtendTimeout(extend));
+        if params.count > 0 {
+            self.spawn(generation, 0, SpawnFor::Generation { count: params.count });
+        }
+    }
+
+    pub(super) fn spawn(&mut self, generation: u64, slot: usize, why: SpawnFor) {
+        self.spawning.push((generation, slot, why));
+        self.out.push(Action::Spawn { generation, slot });
+    }
+
+    pub(super) fn take_spawning(&mut self, generation: u64, slot: usize) -> Option<SpawnFor> {
+        let i = self
+            .spawning
+            .iter()
+            .position(|&(g, s, _)| g == generation && s == slot)?;
+        Some(self.spawning.remove(i).2)
+    }
+
+    /// The generation is still wanted as a whole: the first one starting, or the reload's.
+    pub(super) fn is_starting_generation(&self, generation: u64) -> bool {
+        match &self.reload {
+            Some(r) if r.generation == generation => true,
+            _ => self.phase == Phase::Starting && generation == self.generation,
+        }
+    }
+
+    pub(super) fn spawned(&mut self, now: Instant, pid: Pid, generation: u64, slot: usize) {
+        let why = self.take_spawning(generation, slot);
+        let p = self.params_of(generation);
+        let ready_at = match p.ready {
+            Ready::Delay(d) => Some(clock::after(now, d)),
+            Ready::Notify => None,
+        };
+        self.log(
+            Level::Info,
+            "worker started".into(),
+            vec![
+                ("slot", Kv::U64(slot as u64)),
+                ("generation", Kv::U64(generation)),
+                ("pid", pid_kv(pid)),
+            ],
+        );
+        self.workers.push(Worker {
+            pid,
+            generation,
+            slot,
+            state: State::Starting {
+                deadline: clock::after(now, p.start_timeout),
+                ready_at,
+            },
+            started: now,
+            stop_signal: p.stop_signal,
+            stop_timeout: p.stop_timeout,
+            start_timeout: p.start_timeout,
+            tail: Default::default(),
+        });
+        if let Some(SpawnFor::Generation { count }) = why {
+            if slot + 1 < count && self.is_starting_generation(generation) {
+                self.spawn(generation, slot + 1, SpawnFor::Generation { count });
+            }
+        }
+    }
+
+    pub(super) fn spawn_failed(&mut self, now: Instant, generation: u64, slot: usize, reason: String) {
+        let why = self.take_spawning(generation, slot);
+        self.log(Level::Error, reason.clone(), vec![("generation", Kv::U64(generation))]);
+        match why {
+            Some(SpawnFor::Generation { .. }) => self.generation_failed(now, generation, slot, reason, vec![]),
+            Some(SpawnFor::Restart) if generation == self.generation && self.phase != Phase::Stopping => {
+                self.schedule_restart(now, slot, Duration::ZERO)
+            }
+            Some(SpawnFor::Restart) | None => {}
+        }
+    }
+
+    /// Feed an event to worker `i` and act on what it reports.
+    pub(super) fn feed(&mut self, now: Instant, i: usize, event: WorkerEvent) {
+        let was_ready = self.workers[i].state == State::Ready;
+        let (next, effects) = transition(self.workers[i].state, event, self.workers[i].stop_timeout);
+        self.workers[i].state = next;
+        for effect in effects {
+            let w = &self.workers[i];
+            let (pid, generation, slot) = (w.pid, w.generation, w.slot);
+            match effect {
+                Effect::SendStopSignal => self.out.push(Action::Signal {
+                    pid,
+                    signal: w.stop_signal,
+                }),
+                Effect::KillGroup => self.out.push(Action::KillGroup { pid }),
+                Effect::BecameReady => {
+                    let lived = now.saturating_duration_since(w.started);
+                    self.log(
+                        Level::Info,
+                        "worker ready".into(),
+                        vec![("generation", Kv::U64(generation)), ("pid", pid_kv(pid))],
+                    );
+                    if generation == self.generation {
+                        if let Some(s) = self.slots.get_mut(slot) {
+                            s.ready_once = true;
+                        }
+                        if self.phase == Phase::Running {
+                            self.log(
+                                Level::Debug,
+                                "restarted worker ready".into(),
+                                vec![("lived_ms", Kv::U64(clock::ms(lived)))],
+                            );
+                        }
+                    }
+                }
+                Effect::StartTimedOut => {
+                    let tail = escaped(&w.tail);
+                    let reason = format!(
+                        "worker pid {pid} did not become ready within {}",
+                        humantime::format_duration(w.start_timeout)
+                    );
+                    self.generation_failed(now, generation, slot, reason, tail);
+                }
+                Effect::Gone { status, expected } => {
+                    if expected {
+                        self.log(
+                            Level::Info,
+                            "worker exited".into(),
+                            vec![
+                                ("status", Kv::Str(status.to_string())),
+                                ("generation", Kv::U64(generation)),
+                                ("pid", pid_kv(pid)),
+                            ],
+                        );
+                    } else {
+                        let lived = now.saturating_duration_since(w.started);
+                        let tail = escaped(&w.tail);
+                        let reason = format!("worker pid {pid} {status} during start-up");
+                        self.worker_died(now, generation, slot, pid, status, lived, reason, tail, was_ready);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A worker exited on its own.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn worker_died(
+        &mut self,
+        now: Instant,
+        generation: u64,
+        slot: usize,
+        pid: Pid,
+        status: ExitStatus,
+        lived: Duration,
+        reason: String,
+        tail: Vec<String>,
+        was_ready: bool,
+    ) {
+        let starting_gen = match (&self.reload, self.phase) {
+            (Some(r), _) if r.generation == generation => true,
+            // During the first start, a worker that had become ready and then exits crashed:
+            // it is restarted like any crash; only one that never became ready fails the start.
+            (_, Phase::Starting) => generation == self.generation && !was_ready,
+            _ => false,
+        };
+        if starting_gen {
+            return self.generation_failed(now, generation, slot, reason, tail);
+        }
+        let kv = |status: ExitStatus| {
+            vec![
+                ("status", Kv::Str(status.to_string())),
+                ("generation", Kv::U64(generation)),
+                ("pid", pid_kv(pid)),
+            ]
+        };
+        if generation != self.generation || self.phase == Phase::Stopping {
+            return self.log(Level::Info, "worker exited".into(), kv(status));
+        }
+        let restart = match self.params.restart {
+            Restart::Always => true,
+            Restart::OnFailure => !status.success(),
+            Restart::Never => false,
+        };
+        if !restart {
+            self.log(
+                Level::Warn,
+                "worker exited; not restarting (restart policy)".into(),
+                kv(status),
+            );
+            self.exit_code = if status.success() { 0 } else { 1 };
+            return self.stop_if_nothing_left(now);
+        }
+        self.schedule_restart(now, slot, lived);
+        let delay = self.slots[slot]
+            .restart_at
+            .map(|t| t.saturating_duration_since(now))
+            .unwrap_or_default();
+        let mut kv = kv(status);
+        kv.insert(0, ("in_ms", Kv::U64(clock::ms(delay))));
+        self.log(Level::Warn, "worker exited unexpectedly; restarting".into(), kv);
+    }
+
+    /// Under `restart = "on-failure"` or `"never"`, the master stops once no worker is left to
+    /// serve: none of the serving generation alive or due to restart, and no reload under way
+    /// (a starting generation is live: if it commits, it serves; if it fails, this is asked
+    /// again).
+    pub(super) fn stop_if_nothing_left(&mut self, now: Instant) {
+        if self.phase != Phase::Running || self.reload.is_some() {
+            return;
+        }
+        let serving = self.workers.iter().any(|w| {
+            w.generation == self.generation
+                && w.state.is_alive()
+                && !matches!(w.state, State::Stopping { .. } | State::Killed)
+        });
+        let restarting = self.slots.iter().any(|s| s.restart_at.is_some());
+        if !serving && !restarting {
+            self.log(
+                Level::Info,
+                "no workers left and none to restart: stopping".into(),
+                vec![],
+            );
+            self.begin_stop(now);
+        }
+    }
+
+    pub(super) fn schedule_restart(&mut self, now: Instant, slot: usize, lived: Duration) {
+        let Some(s) = self.slots.get_mut(slot) else { return };
+        if lived >= BACKOFF_RESET {
+            s.failures = 0;
+        }
+        s.failures = s.failures.saturating_add(1);
+        let delay = BACKOFF_MIN
+            .saturating_mul(1u32 << (s.failures - 1).min(20))
+            .min(BACKOFF_MAX);
+        s.restart_at = Some(clock::after(now, delay));
+    }
+
+    /// A worker of a starting generation failed: record it; `advance` acts on it.
+    pub(super) fn generation_failed(
+        &mut self,
+        now: Instant,
+        generation: u64,
+        slot: usize,
+        reason: String,
+        tail: Vec<String>,
+    ) {
+        match &mut self.reload {
+            Some(r) if r.generation == generation => {
+                r.failure.get_or_insert(Failure { reason, tail });
+            }
+            _ if self.phase == Phase::Starting && generation == self.generation => {
+                self.start_failure.get_or_insert(Failure { reason, tail });
+            }
+            _ if generation == self.generation && self.phase == Phase::Running => {
+                // A restarted worker that never became ready: a crash like any other.
+                self.log(Level::Warn, reason, vec![("generation", Kv::U64(generation))]);
+                self.schedule_restart(now, slot, Duration::ZERO);
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn tick(&mut self, now: Instant) {
+        for i in 0..self.workers.len() {
+            if self.workers[i].state.deadline().is_some_and(|d| d <= now) {
+                self.feed(now, i, WorkerEvent::Tick(now));
+            }
+        }
+        let due: Vec<usize> = (0..self.slots.len())
+            .filter(|&s| self.slots[s].restart_at.is_some_and(|t| t <= now))
+            .collect();
+        for slot in due {
+            self.slots[slot].restart_at = None;
+            self.slots[slot].restarts += 1;
+            self.spawn(self.generation, slot, SpawnFor::Restart);
+        }
+    }
+
+    pub(super) fn stop_requested(&mut self, now: Instant, by: StopBy) {
+        match by {
+            StopBy::Signal(sig) if self.phase == Phase::Stopping => {
+                self.log(
+                    Level::Warn,
+                    "second stop signal: killing all workers now".into(),
+                    vec![("signal", Kv::Str(sig.as_str().into()))],
+                );
+                for i in 0..self.workers.len() {
+                    self.feed(now, i, WorkerEvent::Kill);
+                }
+            }
+            StopBy::Signal(sig) => {
+                self.log(
+                    Level::Info,
+                    "stopping".into(),
+                    vec![("signal", Kv::Str(sig.as_str().into()))],
+                );
+                self.begin_stop(now);
+            }
+            StopBy::Control if self.phase == Phase::Stopping => {}
+            StopBy::Control => {
+                self.log(
+                    Level::Info,
+                    "stopping".into(),
+                    vec![("requested_by", Kv::Str("control socket".into()))],
+                );
+                self.begin_stop(now);
+            }
+        }
+    }
+
+    pub(super) fn begin_stop(&mut self, now: Instant) {
+        if self.phase == Phase::Starting {
+            self.report_start_failed("the master was stopped during start-up".into(), vec![]);
+        }
+        self.phase = Phase::Stopping;
+        self.tell_systemd(Systemd::Stopping);
+        // Every reload a client still waits for, under way or queued, will not happen.
+        if let Some(r) = self.reload.take() {
+            if r.params.is_some() {
+                self.out.push(Action::DiscardReload {
+                    generation: r.generation,
+                    failed: false,
+                });
+            }
+        }
+        for (to, _) in std::mem::take(&mut self.waiters) {
+            self.out.push(Action::Reply {
+                to,
+                ok: false,
+                message: "reload cancelled: the master is stopping".into(),
+                data: Value::Null,
+            });
+        }
+        self.reload_again = false;
+        self.out.push(Action::CancelUpgrade);
+        for s in &mut self.slots {
+            s.restart_at = None;
+        }
+        for i in 0..self.workers.len() {
+            self.feed(now, i, WorkerEvent::Stop(now));
+        }
+    }
+
+    pub(super) fn report_start_failed(&mut self, reason: String, tail: Vec<String>) {
+        if !self.start_reported {
+            self.start_reported = true;
+            self.out.push(Action::StartFailed { reason, tail });
+        }
+    }
+}
+
+/// A worker's last lines for a failure report, control characters escaped (escaped here, when
+/// a report needs them, not for every line relayed).
+fn escaped(tail: &std::collections::VecDeque<String>) -> Vec<String> {
+    tail.iter().map(|l| crate::log::escape_str(l).into_owned()).collect()
+}

@@ -1,0 +1,184 @@
+//! The master's life at both ends: everything up to the first spawn (pid-file lock, signals,
+//! notify and control sockets, listeners, adopted from systemd or bound), daemon mode's
+//! start-up report, and the shut-down once the machine said the stop is over.
+
+use super::*;
+
+impl Master {
+    /// Everything up to the first spawn: pid-file lock, signals, notify socket, listeners.
+    /// An error here leaves nothing behind: whatever was created is dropped and removed.
+    pub fn start(config: Config, log: Logger, sink: Sink) -> Result<Master, StartError> {
+        let config = Rc::new(config);
+        let m = &config.master;
+        crate::worker::spawn::check_credentials(&config.worker).map_err(|e| StartError::Other(e.to_string()))?;
+        let pid_file = PidFile::acquire(&m.pid_file)?;
+        let worker_nofile = crate::errno::raise_nofile();
+        if let (Some((soft, _)), Ok((now, _))) = (
+            worker_nofile,
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE),
+        ) {
+            if now > soft {
+                info!(log, "raised the master's open-file limit"; "workers_keep" => soft, "nofile" => now);
+            }
+        }
+        // No master of this config lives now: what a crashed one left must not keep the ports.
+        crate::worker::cgroup::clean_stale(&log, &m.pid_file);
+        let cgroups = crate::worker::cgroup::Cgroups::none(&log);
+        ensure_parent(&m.notify_socket).map_err(|e| {
+            StartError::Other(format!(
+                "create directory for {}: {}",
+                m.notify_socket.display(),
+                describe_io(&e)
+            ))
+        })?;
+        let signals = Signals::install().map_err(|e| StartError::Other(format!("installing signal handlers: {e}")))?;
+        let notify = NotifyServer::bind(&m.notify_socket, config.worker.credentials.as_ref().map(|c| c.uid))?;
+        ensure_parent(&m.control_socket).map_err(|e| {
+            StartError::Other(format!(
+                "create directory for {}: {}",
+                m.control_socket.display(),
+                describe_io(&e)
+            ))
+        })?;
+        let control = ControlServer::bind(&m.control_socket)?;
+        // Sockets systemd passed to us are adopted for the [[listen]] entries they match, by
+        // name first, else by address; the rest are bound here.
+        let (mut inherited, refused): (Vec<(Option<String>, OwnedFd)>, _) = crate::listen::take_systemd_sockets();
+        for why in refused {
+            warn!(log, "a socket passed by systemd cannot be a listener: {}", why);
+        }
+        let mut listeners = Vec::with_capacity(config.listen.len());
+        for lc in &config.listen {
+            let found = inherited
+                .iter()
+                .position(|(name, _)| name.as_deref() == Some(lc.name.as_str()))
+                .or_else(|| {
+                    inherited
+                        .iter()
+                        .position(|(_, fd)| crate::listen::bound_addr(fd).as_ref() == Some(&lc.addr))
+                });
+            let l = match found {
+                Some(i) => {
+                    let (_, fd) = inherited.remove(i);
+                    let l = Listener::from_state(fd, lc.addr.clone(), None, lc.backlog);
+                    info!(log, "adopted socket from systemd"; "addr" => l.local_addr(), "name" => &lc.name);
+                    l
+                }
+                None => {
+                    let l = Listener::bind(lc)?;
+                    info!(log, "listening"; "addr" => l.local_addr(), "name" => &lc.name);
+                    l
+                }
+            };
+            listeners.push(Rc::new(l));
+        }
+        for (name, fd) in inherited {
+            warn!(log, "a socket passed by systemd matches no [[listen]] entry; closed";
+                "name" => name.unwrap_or_default(), "addr" => crate::listen::bound_addr(&fd).map(|a| a.to_string()).unwrap_or_default());
+        }
+        Ok(Master {
+            log,
+            lines: LineBatch::new(sink.clone(), config.master.log_format),
+            sink,
+            gens: Generations::new(Params::of(&config), config.path.display().to_string()),
+            config,
+            listeners,
+            pending: None,
+            workers: Vec::new(),
+            exit: None,
+            orphan_pipes: Vec::new(),
+            signals,
+            notify,
+            cgroups,
+            pid_file,
+            control,
+            started_at: Instant::now(),
+            started_wall: SystemTime::now(),
+            start_report: None,
+            exe: crate::master::handover::own_exe(),
+            worker_nofile,
+            control_paused_until: None,
+            upgrade_check: None,
+            systemd: SystemdNotifier::from_env(),
+            next_client: 0,
+            conns: BTreeMap::new(),
+        })
+    }
+
+    /// Daemon mode: after the fork, record the new pid and where to report the start-up.
+    pub fn daemonized(&mut self, report: std::fs::File) -> Result<(), StartError> {
+        self.pid_file.rewrite().map_err(|e| StartError::Other(e.to_string()))?;
+        // Daemonizing replaced stderr: a log to stderr follows it.
+        self.sink.reattach_stderr();
+        self.start_report = Some(report);
+        Ok(())
+    }
+
+    /// Tell a waiting `zdd start` how the start-up went (once): `ready …` or `failed …`.
+    pub(super) fn report_start(&mut self, line: String) {
+        let Some(mut f) = self.start_report.take() else { return };
+        let _ = f.write_all(format!("{line}\n").as_bytes());
+    }
+
+    /// Every worker is gone: the last log lines, the cgroups, the answer to `zdd stop`.
+    pub(super) fn shut_down(mut self, code: i32) -> i32 {
+        self.lines.begin();
+        for (pid, generation, mut pipe) in std::mem::take(&mut self.orphan_pipes) {
+            let tag = self.lines.tag(pid.as_raw(), generation, pipe.stream.as_str());
+            let lines = &mut self.lines;
+            pipe.pump(true, |line| {
+                lines.push(line, &tag);
+            });
+            // A descendant still holds the pipe: its last, unfinished line is logged too.
+            pipe.finish(|line| {
+                lines.push(line, &tag);
+            });
+        }
+        self.lines.flush();
+        self.cgroups.shutdown();
+        info!(self.log, "stopped"; "exit_code" => code);
+        self.report_start("failed the master stopped during start-up".into());
+        // What the log has not taken yet, within a deadline; the rest is counted as lost.
+        self.sink.flush();
+        let lost = self.sink.dropped_lines();
+        let pid = std::process::id();
+        let message = match lost {
+            0 => format!("master pid {pid} stopped"),
+            1 => format!("master pid {pid} stopped; 1 log line could not be written since it started"),
+            n => format!("master pid {pid} stopped; {n} log lines could not be written since it started"),
+        };
+        for c in self.conns.values_mut().filter(|c| c.waiting == Some(Waiting::Stop)) {
+            c.send_final(&Reply::ok(
+                message.clone(),
+                json!({ "pid": pid, "log_lines_lost": lost }),
+            ));
+        }
+        code
+    }
+}
+
+/// `zdd start --foreground`: load the config, run the master, return the exit code. After an
+/// upgrade's exec, it resumes the master from the state handed over instead, or, if it cannot,
+/// goes back to the old image.
+pub fn run_foreground(config_path: &Path) -> Result<i32, StartError> {
+    if let Some(taken) = handover::take_state() {
+        let mut taken = match taken {
+            Ok(t) => t,
+            Err((reason, rollback)) => return Err(StartError::Other(roll_back(&reason, &rollback, &[]))),
+        };
+        let fds = taken.state.fds(-1);
+        return match Master::prepare_resume(&mut taken.state) {
+            Ok(prepared) => {
+                let master = Master::resume(taken.state, prepared, taken.rolled_back);
+                taken.rollback.done();
+                Ok(master.run())
+            }
+            Err(reason) => Err(StartError::Other(roll_back(&reason, &taken.rollback, &fds))),
+        };
+    }
+    let config = config::load(config_path)?;
+    let (log, sink) = crate::log::build(&config.master.log, config.master.log_format)
+        .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;
+    let master = Master::start(config, log, sink)?;
+    Ok(master.run())
+}
