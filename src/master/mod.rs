@@ -133,6 +133,62 @@ pub struct Master {
     conns: BTreeMap<ClientId, Conn>,
 }
 
+/// What a master is made of that differs between a fresh start (start.rs) and a resume after
+/// an upgrade (upgrade.rs); [`Master::assemble`] is the one constructor both use.
+struct Parts {
+    log: Logger,
+    sink: Sink,
+    config: Rc<Config>,
+    listeners: Vec<Rc<Listener>>,
+    gens: Generations,
+    workers: Vec<Worker>,
+    orphan_pipes: Vec<(Pid, u64, Pipe)>,
+    signals: Signals,
+    notify: NotifyServer,
+    control: ControlServer,
+    cgroups: crate::worker::cgroup::Cgroups,
+    pid_file: PidFile,
+    started_at: Instant,
+    started_wall: SystemTime,
+    exe: std::path::PathBuf,
+    worker_nofile: Option<(u64, u64)>,
+    /// Clients waiting for the upgrade's outcome (a resume), else none.
+    conns: BTreeMap<ClientId, Conn>,
+}
+
+impl Master {
+    /// The one constructor: a fresh start and a resume differ only in their [`Parts`].
+    fn assemble(p: Parts) -> Master {
+        Master {
+            lines: LineBatch::new(p.sink.clone(), p.config.master.log_format),
+            log: p.log,
+            sink: p.sink,
+            config: p.config,
+            listeners: p.listeners,
+            gens: p.gens,
+            pending: None,
+            workers: p.workers,
+            exit: None,
+            orphan_pipes: p.orphan_pipes,
+            signals: p.signals,
+            notify: p.notify,
+            control: p.control,
+            started_at: p.started_at,
+            started_wall: p.started_wall,
+            start_report: None,
+            exe: p.exe,
+            worker_nofile: p.worker_nofile,
+            control_paused_until: None,
+            upgrade_check: None,
+            systemd: SystemdNotifier::from_env(),
+            cgroups: p.cgroups,
+            pid_file: p.pid_file,
+            next_client: p.conns.len() as u64,
+            conns: p.conns,
+        }
+    }
+}
+
 impl Master {
     /// Run until stopped; returns the process exit code.
     pub fn run(mut self) -> i32 {

@@ -76,33 +76,25 @@ impl Master {
             warn!(log, "a socket passed by systemd matches no [[listen]] entry; closed";
                 "name" => name.unwrap_or_default(), "addr" => crate::listen::bound_addr(&fd).map(|a| a.to_string()).unwrap_or_default());
         }
-        Ok(Master {
-            log,
-            lines: LineBatch::new(sink.clone(), config.master.log_format),
-            sink,
+        Ok(Master::assemble(Parts {
             gens: Generations::new(Params::of(&config), config.path.display().to_string()),
+            log,
+            sink,
             config,
             listeners,
-            pending: None,
             workers: Vec::new(),
-            exit: None,
             orphan_pipes: Vec::new(),
             signals,
             notify,
+            control,
             cgroups,
             pid_file,
-            control,
             started_at: Instant::now(),
             started_wall: SystemTime::now(),
-            start_report: None,
             exe: crate::master::handover::own_exe(),
             worker_nofile,
-            control_paused_until: None,
-            upgrade_check: None,
-            systemd: SystemdNotifier::from_env(),
-            next_client: 0,
             conns: BTreeMap::new(),
-        })
+        }))
     }
 
     /// Daemon mode: after the fork, record the new pid and where to report the start-up.

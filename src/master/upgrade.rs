@@ -359,20 +359,17 @@ impl Master {
         let notify_path = state.notify_path.clone().unwrap_or_else(|| m.notify_socket.clone());
         let control_path = state.control_path.clone().unwrap_or_else(|| m.control_socket.clone());
         let cgroups = crate::worker::cgroup::Cgroups::resume(&log, state.cgroups, &pid_path);
-        let mut master = Master {
+        let mut master = Master::assemble(Parts {
             cgroups,
             notify: NotifyServer::from_fd(handover::own(state.notify_fd), &notify_path),
             control: ControlServer::from_fd(handover::own(state.control_fd), &control_path),
             pid_file: PidFile::from_state(handover::own(pid_fd), pid_path, pid_ino),
             log,
-            lines: LineBatch::new(sink.clone(), config.master.log_format),
             sink,
             listeners: state.current.iter().filter_map(|&i| all.get(i).cloned()).collect(),
             config,
             gens,
-            pending: None,
             workers,
-            exit: None,
             orphan_pipes: {
                 let mut partials = state.orphan_partials.into_iter();
                 state
@@ -391,15 +388,10 @@ impl Master {
             signals,
             started_at: now.checked_sub(Duration::from_millis(state.uptime_ms)).unwrap_or(now),
             started_wall: wall(state.started_wall_ms),
-            start_report: None,
             exe: state.exe.clone(),
             worker_nofile: state.worker_nofile,
-            control_paused_until: None,
-            upgrade_check: None,
-            systemd: SystemdNotifier::from_env(),
-            next_client: conns.len() as u64,
             conns,
-        };
+        });
         let alive = master.gens.workers().len();
         let pid = std::process::id();
         let data = json!({ "pid": pid, "generation": master.gens.generation() });
