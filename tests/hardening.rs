@@ -281,3 +281,17 @@ fn a_notify_flood_does_not_grow_the_master() {
     assert!(peak < 24 * 1024, "the master grew to {peak} KiB under a notify flood");
     z.stop();
 }
+
+#[test]
+fn a_worker_gone_right_after_ready_under_restart_never_leaves_no_empty_master() {
+    // READY=1 and the exit often arrive in one turn of the master's loop: the start succeeds,
+    // and with nothing left to serve or restart the master must stop, not idle without workers.
+    for _ in 0..5 {
+        let mut z = Zdd::spawn(
+            "[worker]\ncommand = [\"{fixture}\", \"--ready\", \"--exit-after\", \"0\", \"0\"]\nrestart = \"never\"\n",
+        );
+        z.wait_msg("no workers left and none to restart: stopping");
+        assert_eq!(z.wait_exit().code(), Some(0), "{}", z.log_text());
+        z.assert_clean();
+    }
+}

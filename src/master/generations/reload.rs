@@ -42,6 +42,9 @@ impl Generations {
                     }
                     let status = self.serving_status();
                     self.tell_systemd(Systemd::Ready { status });
+                    // A worker that was ready and exited during the start, and that its
+                    // restart policy does not bring back, may have left nothing to serve.
+                    self.stop_if_nothing_left(now);
                 }
             }
             Phase::Running => {

@@ -24,6 +24,7 @@ fn with_restart(count: usize, restart: Restart) -> Params {
 }
 
 const FAIL: ExitStatus = ExitStatus::Code(1);
+const OK: ExitStatus = ExitStatus::Code(0);
 const CLEAN: ExitStatus = ExitStatus::Code(0);
 const C1: ClientId = ClientId(1);
 const C2: ClientId = ClientId(2);
@@ -1005,4 +1006,37 @@ fn resumed_machine_runs_the_handed_over_generation() {
     }));
     let a = g.handle(now, Event::StopRequested { by: StopBy::Control });
     assert!(!a.iter().any(|a| matches!(a, Action::StartFailed { .. })));
+}
+
+#[test]
+fn a_start_that_succeeds_with_no_worker_left_stops_under_restart_never() {
+    // READY=1 and the exit arrive in the same turn of the loop: the worker counts as ready
+    // once (the start succeeds), but nothing is left to serve and nothing will restart.
+    for (restart, status, stops) in [
+        (Restart::Never, OK, true),
+        (Restart::OnFailure, OK, true),
+        (Restart::OnFailure, FAIL, false),
+        (Restart::Always, OK, false),
+    ] {
+        let mut s = Sim::new(with_restart(1, restart));
+        s.step(Event::Start);
+        let w = s.pid(1, 0);
+        let a = s.turn(vec![
+            Event::WorkerReady { pid: w },
+            Event::WorkerExited { pid: w, status },
+        ]);
+        assert!(
+            a.contains(&Action::StartSucceeded {
+                generation: 1,
+                workers: 1
+            }),
+            "{restart:?} {status:?}: {a:?}"
+        );
+        assert_eq!(
+            logged(&a, "no workers left and none to restart: stopping"),
+            stops,
+            "{restart:?} {status:?}: {a:?}"
+        );
+        assert_eq!(s.g.phase() == Phase::Stopping, stops, "{restart:?} {status:?}");
+    }
 }
