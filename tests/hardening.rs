@@ -295,3 +295,21 @@ fn a_worker_gone_right_after_ready_under_restart_never_leaves_no_empty_master() 
         z.assert_clean();
     }
 }
+
+#[test]
+fn a_stop_after_one_worker_failed_under_restart_never_exits_0() {
+    // One of two workers dies (not restarted, by policy); the other serves on. The operator's
+    // stop later is a clean stop: exit 0 (systemd must not see a failed unit for it).
+    let port = free_port();
+    let mut z = Zdd::spawn(&serve_config(
+        port,
+        &["--ready", "--serve"],
+        "count = 2\nrestart = \"never\"",
+    ));
+    z.wait_ready();
+    let first = z.started_pids()[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    z.wait_msg("worker exited; not restarting (restart policy)");
+    ask(format!("127.0.0.1:{port}").parse().unwrap()).expect("the other worker serves");
+    z.stop();
+}

@@ -318,6 +318,8 @@ pub struct Generations {
     /// A StartSucceeded/StartFailed went out (only one ever does).
     start_reported: bool,
     exit_code: i32,
+    /// The last worker that its restart policy did not bring back had failed.
+    last_exit_failed: bool,
     exit_sent: bool,
     spawning: Vec<(u64, usize, SpawnFor)>,
     /// Control clients waiting for a reload attempt's outcome.
@@ -354,6 +356,7 @@ impl Generations {
             start_failure: None,
             start_reported: false,
             exit_code: 0,
+            last_exit_failed: false,
             exit_sent: false,
             spawning: Vec::new(),
             waiters: Vec::new(),

@@ -1040,3 +1040,23 @@ fn a_start_that_succeeds_with_no_worker_left_stops_under_restart_never() {
         assert_eq!(s.g.phase() == Phase::Stopping, stops, "{restart:?} {status:?}");
     }
 }
+
+#[test]
+fn the_exit_code_says_why_the_master_stopped_not_an_earlier_exit() {
+    // Under restart = never, a worker that failed while another kept serving does not make a
+    // later stop by the operator exit non-zero; stopping because nothing is left does.
+    let mut s = Sim::running(with_restart(2, Restart::Never));
+    let pids = s.pids(1);
+    s.exit(pids[0], FAIL);
+    assert_eq!(s.g.phase(), Phase::Running);
+    s.step(Event::StopRequested { by: StopBy::Control });
+    let a = s.exit(pids[1], ExitStatus::Code(0));
+    assert_eq!(exit_code(&a), Some(0), "{a:?}");
+
+    let mut s = Sim::running(with_restart(2, Restart::Never));
+    let pids = s.pids(1);
+    s.exit(pids[0], OK);
+    let a = s.exit(pids[1], FAIL);
+    assert!(logged(&a, "no workers left and none to restart: stopping"));
+    assert_eq!(exit_code(&a), Some(1), "the last worker failed: {a:?}");
+}

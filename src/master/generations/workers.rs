@@ -206,7 +206,8 @@ impl Generations {
                 "worker exited; not restarting (restart policy)".into(),
                 kv(status),
             );
-            self.exit_code = if status.success() { 0 } else { 1 };
+            // If this leaves nothing to serve, the master's exit code is this worker's.
+            self.last_exit_failed = !status.success();
             return self.stop_if_nothing_left(now);
         }
         self.schedule_restart(now, slot, lived);
@@ -239,6 +240,7 @@ impl Generations {
                 "no workers left and none to restart: stopping".into(),
                 vec![],
             );
+            self.exit_code = i32::from(self.last_exit_failed);
             self.begin_stop(now);
         }
     }
