@@ -313,3 +313,26 @@ fn a_stop_after_one_worker_failed_under_restart_never_exits_0() {
     ask(format!("127.0.0.1:{port}").parse().unwrap()).expect("the other worker serves");
     z.stop();
 }
+
+#[test]
+fn a_reload_says_which_master_settings_wait_for_the_next_start() {
+    let body = |extra: &str| {
+        format!(
+            "[master]\nlog_format = \"json\"\ncontrol_socket = \"run/app.sock\"\n{extra}\n\n\
+             [worker]\ncommand = [\"{{fixture}}\", \"--ready\"]\n"
+        )
+    };
+    let mut z = Zdd::spawn(&body(""));
+    z.wait_ready();
+    // max_draining is a reload setting: no warning.
+    z.write_config(&body("max_draining = 3"));
+    z.reload(1);
+    assert!(z
+        .records_with("[master] settings changed; they take effect at the next start, not on reload")
+        .is_empty());
+    z.write_config(&body("max_draining = 3\npid_file = \"run/other.pid\""));
+    z.reload(2);
+    let w = z.wait_msg("[master] settings changed; they take effect at the next start, not on reload");
+    assert_eq!(w["keys"], "pid_file", "{w}");
+    z.stop();
+}

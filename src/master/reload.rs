@@ -20,10 +20,23 @@ impl Master {
             Ok(c) => Rc::new(c),
             Err(e) => return fail(format!("reload failed: invalid config; nothing changed: {e}")),
         };
-        if config.master != self.config.master {
+        // The master's own files and sockets stay as they are until the next start;
+        // max_draining is a reload setting and applies from this reload's commit on.
+        let (new, old) = (&config.master, &self.config.master);
+        let changed: Vec<&str> = [
+            ("pid_file", new.pid_file != old.pid_file),
+            ("control_socket", new.control_socket != old.control_socket),
+            ("log", new.log != old.log),
+            ("log_format", new.log_format != old.log_format),
+        ]
+        .into_iter()
+        .filter_map(|(k, c)| c.then_some(k))
+        .collect();
+        if !changed.is_empty() {
             warn!(
                 self.log,
-                "[master] settings changed; they take effect at the next start, not on reload"
+                "[master] settings changed; they take effect at the next start, not on reload";
+                "keys" => changed.join(", ")
             );
         }
         let mut listeners = Vec::with_capacity(config.listen.len());
