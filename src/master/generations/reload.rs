@@ -93,10 +93,17 @@ impl Generations {
         }
         if let Some(n) = if_generation {
             if n != self.generation || self.phase == Phase::Starting {
-                let message = format!(
-                    "reload refused: generation {n} is not serving (generation {} is)",
-                    self.generation
-                );
+                let message = if self.phase == Phase::Starting {
+                    format!(
+                        "reload refused: generation {n} is not serving (generation {} is still starting)",
+                        self.generation
+                    )
+                } else {
+                    format!(
+                        "reload refused: generation {n} is not serving (generation {} is)",
+                        self.generation
+                    )
+                };
                 return refuse(self, message);
             }
         }

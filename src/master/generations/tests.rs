@@ -481,12 +481,12 @@ fn if_generation_is_refused_unless_that_generation_serves() {
         (
             false,
             1,
-            "reload refused: generation 1 is not serving (generation 1 is)",
+            "reload refused: generation 1 is not serving (generation 1 is still starting)",
         ),
         (
             false,
             2,
-            "reload refused: generation 2 is not serving (generation 1 is)",
+            "reload refused: generation 2 is not serving (generation 1 is still starting)",
         ),
     ];
     for (started, n, refusal) in cases {
