@@ -437,7 +437,7 @@ impl Generations {
 
     /// Stopping, and every worker is gone.
     pub fn finished(&self) -> bool {
-        self.phase == Phase::Stopping && self.workers.is_empty()
+        self.phase == Phase::Stopping && self.workers.is_empty() && self.spawning.is_empty()
     }
 
     /// The earliest deadline: a worker's start timeout, delayed readiness or kill, or a
@@ -513,6 +513,7 @@ impl Generations {
             Event::Tick => {
                 self.tick(now);
                 self.advance(now);
+                self.restarts_due(now);
                 if self.finished() && !self.exit_sent {
                     self.exit_sent = true;
                     self.out.push(Action::Exit { code: self.exit_code });

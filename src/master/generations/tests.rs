@@ -1060,3 +1060,93 @@ fn the_exit_code_says_why_the_master_stopped_not_an_earlier_exit() {
     assert!(logged(&a, "no workers left and none to restart: stopping"));
     assert_eq!(exit_code(&a), Some(1), "the last worker failed: {a:?}");
 }
+
+// A crash restart that falls due in the same turn as another decision (a commit, a failed
+// start, a failed reload): the restart is spawned after the decision, so the decision sees
+// the slot as restarting and the restart sees what was decided.
+
+#[test]
+fn a_restart_due_in_the_commit_turn_leaves_no_old_worker_behind() {
+    let mut s = Sim::running(params(2));
+    let old0 = s.pid(1, 0);
+    s.exit(old0, FAIL); // restart in 100 ms
+    s.reload(None);
+    let (a, b) = (s.pid(2, 0), s.pid(2, 1));
+    s.advance(Duration::from_millis(150));
+    let acts = s.turn(vec![Event::WorkerReady { pid: a }, Event::WorkerReady { pid: b }]);
+    assert_eq!(s.g.generation(), 2);
+    assert!(spawns(&acts).is_empty(), "{:?}", spawns(&acts));
+    let stale: Vec<_> =
+        s.g.workers()
+            .iter()
+            .filter(|w| w.generation == 1 && matches!(w.state, State::Starting { .. } | State::Ready))
+            .collect();
+    assert!(stale.is_empty(), "an old-generation worker left serving: {stale:?}");
+}
+
+#[test]
+fn a_restart_due_in_the_turn_a_start_fails_is_not_spawned() {
+    for count in [2, 3] {
+        let mut s = Sim::new(params(count));
+        s.step(Event::Start);
+        let pids: Vec<Pid> = (0..count).map(|i| s.pid(1, i)).collect();
+        for &p in &pids[..count - 1] {
+            s.step(Event::WorkerReady { pid: p });
+        }
+        s.exit(pids[0], FAIL); // ready once, restart in 100 ms
+        s.advance(Duration::from_millis(150));
+        // The last slot dies before it was ever ready: the start fails in this turn.
+        let acts = s.turn(vec![Event::WorkerExited {
+            pid: pids[count - 1],
+            status: FAIL,
+        }]);
+        assert_eq!(s.g.phase(), Phase::Stopping);
+        assert!(spawns(&acts).is_empty(), "count {count}: {:?}", spawns(&acts));
+        assert!(
+            s.g.workers()
+                .iter()
+                .all(|w| !matches!(w.state, State::Starting { .. } | State::Ready)),
+            "count {count}: a worker not asked to stop while stopping"
+        );
+        if exit_code(&acts).is_some() {
+            assert_eq!(s.g.alive(), 0, "count {count}: Exit with a live worker");
+        }
+        // The rest obey; the stop ends (at once if nothing was left).
+        let code = exit_code(&acts).or_else(|| exit_code(&reap_all(&mut s)));
+        assert_eq!(code, Some(1), "count {count}");
+    }
+}
+
+#[test]
+fn a_reload_failing_in_the_turn_a_restart_is_due_keeps_the_master() {
+    let mut s = Sim::running(with_restart(1, Restart::OnFailure));
+    let a = s.pid(1, 0);
+    s.exit(a, FAIL); // restart in 100 ms
+    s.reload(None);
+    let n = s.pid(2, 0);
+    s.advance(Duration::from_millis(150));
+    let acts = s.turn(vec![Event::WorkerExited { pid: n, status: FAIL }]);
+    assert!(!logged(&acts, "no workers left"), "{acts:?}");
+    assert_ne!(s.g.phase(), Phase::Stopping);
+    assert_eq!(spawns(&acts), vec![(1, 0)], "the slot restarts");
+}
+
+#[test]
+fn a_worker_spawned_after_its_generation_was_replaced_is_stopped_at_once() {
+    // Defence in depth: whatever the order, a worker nobody wants any more is never left
+    // unsupervised. A spawn is in flight when the master is told to stop.
+    let mut s = Sim::new(params(1));
+    let first = s.g.handle(s.now, Event::Start);
+    assert_eq!(spawns(&first), vec![(1, 0)]);
+    s.g.handle(s.now, Event::StopRequested { by: StopBy::Control });
+    assert!(!s.g.finished(), "a spawn is still in flight");
+    let a = s.g.handle(
+        s.now,
+        Event::WorkerSpawned {
+            pid: Pid::from_raw(900),
+            generation: 1,
+            slot: 0,
+        },
+    );
+    assert!(signalled(&a).contains(&Pid::from_raw(900)), "{a:?}");
+}

@@ -78,6 +78,15 @@ impl Generations {
             start_timeout: p.start_timeout,
             tail: Default::default(),
         });
+        // Wanted no more by the time it exists (the master is stopping, or its generation was
+        // replaced or failed meanwhile): it is asked to stop at once, never left unsupervised.
+        let wanted =
+            self.phase != Phase::Stopping && (generation == self.generation || self.is_starting_generation(generation));
+        if !wanted {
+            let i = self.workers.len() - 1;
+            self.feed(now, i, WorkerEvent::Stop(now));
+            return;
+        }
         if let Some(SpawnFor::Generation { count }) = why {
             if slot + 1 < count && self.is_starting_generation(generation) {
                 self.spawn(generation, slot + 1, SpawnFor::Generation { count });
@@ -211,8 +220,10 @@ impl Generations {
             return self.stop_if_nothing_left(now);
         }
         self.schedule_restart(now, slot, lived);
-        let delay = self.slots[slot]
-            .restart_at
+        let delay = self
+            .slots
+            .get(slot)
+            .and_then(|s| s.restart_at)
             .map(|t| t.saturating_duration_since(now))
             .unwrap_or_default();
         let mut kv = kv(status);
@@ -282,12 +293,20 @@ impl Generations {
         }
     }
 
+    /// Workers' deadlines that are due: start timeouts, delayed readiness, stop timeouts.
     pub(super) fn tick(&mut self, now: Instant) {
         for i in 0..self.workers.len() {
             if self.workers[i].state.deadline().is_some_and(|d| d <= now) {
                 self.feed(now, i, WorkerEvent::Tick(now));
             }
         }
+    }
+
+    /// Crash restarts that are due. Run after the generation logic has decided this turn
+    /// (`advance`): a commit replaces the slots, a stop clears them, and "is anything left to
+    /// serve" still sees a slot that is about to restart; a restart spawned before those
+    /// decisions would be a worker none of them knew about.
+    pub(super) fn restarts_due(&mut self, now: Instant) {
         let due: Vec<usize> = (0..self.slots.len())
             .filter(|&s| self.slots[s].restart_at.is_some_and(|t| t <= now))
             .collect();
