@@ -7,7 +7,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -178,7 +177,6 @@ fn a_client_hanging_up_while_it_waits_does_not_make_the_master_spin() {
 
 /// Run the master with this open-file limit.
 fn start_with_nofile(z: &mut Zdd, soft: u64, hard: u64) {
-    let log = std::fs::File::create(&z.log).unwrap();
     let mut cmd = z.command(&["start", "--foreground"]);
     // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child before exec.
     unsafe {
@@ -187,13 +185,7 @@ fn start_with_nofile(z: &mut Zdd, soft: u64, hard: u64) {
                 .map_err(std::io::Error::from)
         });
     }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    z.child = Some(child);
+    z.start_cmd(cmd);
 }
 
 #[test]

@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -166,23 +163,7 @@ fn start_says_when_cgroups_are_unavailable_and_falls_back_to_the_process_group()
         return;
     }
     let mut z = Zdd::new("[worker]\ncommand = [\"{fixture}\", \"--ready\"]\n");
-    std::fs::set_permissions(z.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(z.reports(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    std::fs::create_dir_all(z.path("run")).unwrap();
-    // The runtime directory must be the master's own (nobody's), writable by no one else.
-    std::os::unix::fs::chown(z.path("run"), Some(65534), Some(65534)).unwrap();
-    std::fs::set_permissions(&z.config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let log = std::fs::File::create(&z.log).unwrap();
-    let child = z
-        .command(&["start", "--foreground"])
-        .uid(65534)
-        .gid(65534)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    z.child = Some(child);
+    z.start_as_nobody();
     let line = z.wait_msg_containing("cgroups unavailable (");
     let msg = line["msg"].as_str().unwrap();
     assert!(

@@ -435,17 +435,9 @@ fn pipes_held_open_by_exited_workers_descendants_are_capped() {
             .status()
             .unwrap();
         assert!(chown.success());
-        let log = std::fs::File::create(&z.log).unwrap();
-        let child = z
-            .command(&["start", "--foreground"])
-            .uid(65534)
-            .gid(65534)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        z.child = Some(child);
+        let mut cmd = z.command(&["start", "--foreground"]);
+        cmd.uid(65534).gid(65534);
+        z.start_cmd(cmd);
     }
     z.wait_msg_containing("cgroups unavailable");
     let pids = z.path("gc.pids");

@@ -270,29 +270,14 @@ fn an_orphan_pipes_incomplete_line_survives_an_upgrade() {
         eprintln!("\n*** SKIP an_orphan_pipes_incomplete_line_survives_an_upgrade: needs root ***\n");
         return;
     }
-    use std::os::unix::process::CommandExt;
     let script = "if [ -e {dir}/scratch/once ]; then exec sleep 600; fi; touch {dir}/scratch/once; \
                   setsid sh -c \"printf partial-line; sleep 8; echo ' completed'\" & sleep 0.5; exit 3";
     let mut z = Zdd::new(&format!(
         "[worker]\ncommand = [\"/bin/sh\", \"-c\", {script:?}]\nready = \"delay\"\nready_delay = \"100ms\"\nrestart = \"on-failure\"\n"
     ));
-    std::fs::set_permissions(z.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::create_dir_all(z.path("scratch")).unwrap();
     std::fs::set_permissions(z.path("scratch"), std::fs::Permissions::from_mode(0o777)).unwrap();
-    std::fs::create_dir_all(z.path("run")).unwrap();
-    nix::unistd::chown(&z.path("run"), Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
-    std::fs::set_permissions(&z.config, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let log = std::fs::File::create(&z.log).unwrap();
-    let child = z
-        .command(&["start", "--foreground"])
-        .uid(65534)
-        .gid(65534)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    z.child = Some(child);
+    z.start_as_nobody();
     z.wait_ready();
     // The first worker exits; its pipe lives on in its background job, mid-line.
     z.wait_msg("worker exited unexpectedly; restarting");

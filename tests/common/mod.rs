@@ -127,11 +127,17 @@ impl Zdd {
 
     /// Start with extra environment variables for the master.
     pub fn start_with_env(&mut self, env: &[(&str, &str)]) -> &mut Self {
-        let log = std::fs::File::create(&self.log).unwrap();
         let mut cmd = self.command(&["start", "--foreground"]);
         for (k, v) in env {
             cmd.env(k, v);
         }
+        self.start_cmd(cmd)
+    }
+
+    /// Start the master from `cmd` (a `zdd start --foreground` the caller has set up: its
+    /// user, its limits), with stdout and stderr to `zdd.log`.
+    pub fn start_cmd(&mut self, mut cmd: Command) -> &mut Self {
+        let log = std::fs::File::create(&self.log).unwrap();
         let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -141,6 +147,22 @@ impl Zdd {
         self.child = Some(child);
         self.status = None;
         self
+    }
+
+    /// Start the master as nobody (which has no cgroups here): the temp dir readable by all,
+    /// `reports/` writable by the workers, `run/` the master's own (nobody's, writable by no
+    /// one else, as zdd requires of a runtime directory). Needs root.
+    pub fn start_as_nobody(&mut self) -> &mut Self {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(self.reports(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::create_dir_all(self.path("run")).unwrap();
+        std::os::unix::fs::chown(self.path("run"), Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(&self.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut cmd = self.command(&["start", "--foreground"]);
+        cmd.uid(65534).gid(65534);
+        self.start_cmd(cmd)
     }
 
     pub fn spawn(body: &str) -> Zdd {
