@@ -119,7 +119,9 @@ fn a_terminal_that_stops_scrolling_blocks_nothing_either() {
     blocked_sink(Stdio::from(theirs), ours);
 }
 
-fn blocked_sink(theirs: Stdio, stderr: impl Read + Send + 'static) {
+/// A master whose stderr (its log) is `theirs`, which nobody reads, with a worker flooding
+/// it: returns once the log is full and the relay paused (status answers all the while).
+fn start_with_a_blocked_log(theirs: Stdio) -> (Zdd, std::path::PathBuf, Value) {
     let mut z = Zdd::new(
         "[master]\nlog_format = \"json\"\ncontrol_socket = \"{dir}/ctl.sock\"\n\n\
          [worker]\ncommand = [\"{fixture}\", \"--ready\", \"--flood\"]\nstop_timeout = \"60s\"\n",
@@ -140,6 +142,11 @@ fn blocked_sink(theirs: Stdio, stderr: impl Read + Send + 'static) {
     });
     assert!(s["log"]["pending_bytes"].as_u64().unwrap() >= 1024 * 1024, "{s}");
     assert_eq!(s["log"]["dropped_lines"], 0, "{s}");
+    (z, sock, s)
+}
+
+fn blocked_sink(theirs: Stdio, stderr: impl Read + Send + 'static) {
+    let (mut z, sock, s) = start_with_a_blocked_log(theirs);
     let first = worker_pids(&s)[0];
 
     // Reaping: a worker killed now is reaped and restarted.
@@ -489,22 +496,7 @@ fn an_upgrade_with_a_blocked_log_hands_the_pending_lines_over() {
     // The master's stderr is a pipe not read until the end: at the upgrade, a megabyte of
     // worker lines is pending. The new image must write them, not lose them.
     let (ours, theirs) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-    let mut z = Zdd::new(
-        "[master]\nlog_format = \"json\"\ncontrol_socket = \"{dir}/ctl.sock\"\n\n\
-         [worker]\ncommand = [\"{fixture}\", \"--ready\", \"--flood\"]\nstop_timeout = \"60s\"\n",
-    );
-    let sock = z.path("ctl.sock");
-    let mut cmd = z.command(&["start", "--foreground"]);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(theirs));
-    z.child = Some(cmd.spawn().unwrap());
-    drop(cmd);
-    wait_for("the control socket", DEADLINE, || UnixStream::connect(&sock).ok());
-    let s = wait_for("the relay to pause", DEADLINE, || {
-        let s = status_now(&sock);
-        (s["log"]["relay_paused"] == true).then_some(s)
-    });
+    let (mut z, sock, s) = start_with_a_blocked_log(Stdio::from(theirs));
     let pid = s["pid"].clone();
     let replies = request(&sock, r#"{"cmd":"upgrade"}"#, DEADLINE).unwrap();
     let last = replies.last().unwrap();
