@@ -222,15 +222,24 @@ impl Sink {
             LogTarget::Stderr => (Target::stderr(), None),
             LogTarget::File(p) => (Target::File(Self::open_file(p)?), Some(p.clone())),
         };
-        Ok(Sink {
+        Ok(Sink::with_target(t, path, format, Vec::new()))
+    }
+
+    /// A sink on `target`, with `pending` bytes (whole lines but the first, which may have
+    /// been written in part) not yet taken by it.
+    fn with_target(target: Target, path: Option<PathBuf>, format: LogFormat, pending: Vec<u8>) -> Sink {
+        Sink {
             inner: Arc::new(Mutex::new(Shared {
-                target: t,
-                out: Outbox::default(),
+                target,
+                out: Outbox {
+                    buf: pending,
+                    ..Outbox::default()
+                },
                 staged: Vec::new(),
             })),
             path,
             format,
-        })
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -336,7 +345,7 @@ impl Sink {
     /// upgrade's exec). What is left is counted as lost; returns how many lines that was.
     pub fn flush(&self) -> u64 {
         let now = Instant::now();
-        let end = now.checked_add(FLUSH_DEADLINE).unwrap_or(now);
+        let end = crate::clock::after(now, FLUSH_DEADLINE);
         loop {
             let fd = {
                 let mut s = self.lock();
@@ -434,34 +443,19 @@ impl Sink {
     }
 }
 
-/// The log of a master resumed after an upgrade: the file handed over (close-on-exec again),
-/// or stderr, with what was still pending.
-pub fn resume(state: LogState, format: LogFormat) -> (Logger, Sink) {
-    let target = match state.fd {
-        Some(fd) => {
-            // SAFETY: handed over by the previous image, which exists no more; nothing else
-            // owns this fd. Close-on-exec again, like every fd of the master.
-            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            let _ = nix::fcntl::fcntl(
-                fd.as_raw_fd(),
-                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-            );
-            Target::File(File::from(fd))
-        }
+/// The log of a master resumed after an upgrade: the file handed over (taken over by the
+/// caller, close-on-exec again), or stderr, with what was still pending.
+pub fn resume(
+    path: Option<PathBuf>,
+    file: Option<std::os::fd::OwnedFd>,
+    pending: Vec<u8>,
+    format: LogFormat,
+) -> (Logger, Sink) {
+    let target = match file {
+        Some(fd) => Target::File(File::from(fd)),
         None => Target::stderr(),
     };
-    let sink = Sink {
-        inner: Arc::new(Mutex::new(Shared {
-            target,
-            out: Outbox {
-                buf: state.pending,
-                ..Outbox::default()
-            },
-            staged: Vec::new(),
-        })),
-        path: state.path,
-        format,
-    };
+    let sink = Sink::with_target(target, path, format, pending);
     (logger(sink.clone(), format), sink)
 }
 

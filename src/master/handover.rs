@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ListenAddr;
 use crate::errno::describe;
+use crate::worker::relay::Stream;
 
 pub const ENV_FD: &str = "ZDD_UPGRADE_FD";
 /// The old image's executable, kept open across the exec for a rollback.
@@ -65,14 +66,6 @@ pub enum WorkerPhase {
     Killed,
 }
 
-/// Which of a worker's log pipes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StreamName {
-    Stdout,
-    Stderr,
-}
-
 pub use crate::log::LogState;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -98,7 +91,7 @@ pub struct WorkerState {
     pub stop_signal: i32,
     pub stop_timeout_ms: u64,
     /// (stream, fd, incomplete line) of its log pipes still open.
-    pub pipes: Vec<(StreamName, RawFd, Vec<u8>)>,
+    pub pipes: Vec<(Stream, RawFd, Vec<u8>)>,
     /// Indexes into [`State::listeners`].
     pub listeners: Vec<usize>,
     pub tail: Vec<String>,
@@ -137,7 +130,7 @@ pub struct State {
     pub workers: Vec<WorkerState>,
     pub slots: Vec<SlotState>,
     /// Log pipes of reaped workers that are still open: (pid, generation, stream, fd).
-    pub orphan_pipes: Vec<(i32, u64, StreamName, RawFd)>,
+    pub orphan_pipes: Vec<(i32, u64, Stream, RawFd)>,
     /// The incomplete last line of each of `orphan_pipes`, in the same order (version 2).
     #[serde(default)]
     pub orphan_partials: Vec<Vec<u8>>,
@@ -196,19 +189,6 @@ fn set_cloexec(fd: RawFd, on: bool) {
     }
 }
 
-/// The signals the master handles: blocked across the exec, so that one arriving before the
-/// new image has installed its handlers stays pending (and is acted on then) instead of
-/// killing the master. Everything else keeps its normal effect.
-const HANDLED_SIGNALS: [libc::c_int; 7] = [
-    libc::SIGHUP,
-    libc::SIGTERM,
-    libc::SIGINT,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGCHLD,
-];
-
 fn env_entry(k: &[u8], v: &[u8]) -> Option<CString> {
     let mut e = k.to_vec();
     e.push(b'=');
@@ -231,15 +211,18 @@ fn cstring(b: &[u8]) -> CString {
     CString::new(b.iter().copied().filter(|&c| c != 0).collect::<Vec<u8>>()).unwrap_or_default()
 }
 
-/// Block the handled signals; returns the mask to restore.
+/// Block the signals the master handles ([`super::signals::HANDLED`]) across the exec, so that
+/// one arriving before the new image has installed its handlers stays pending (and is acted on
+/// then) instead of killing the master; everything else keeps its normal effect. Returns the
+/// mask to restore.
 fn block_handled() -> libc::sigset_t {
     // SAFETY: sigset_t values owned by this frame, initialised by sigemptyset before use.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in HANDLED_SIGNALS {
-            libc::sigaddset(&mut set, s);
+        for s in super::signals::HANDLED {
+            libc::sigaddset(&mut set, s as libc::c_int);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
         old

@@ -10,7 +10,8 @@ pub(super) struct Signals {
     flags: Vec<(Signal, Arc<AtomicBool>)>,
 }
 
-const HANDLED: [Signal; 7] = [
+/// Also what an upgrade blocks across its exec (handover.rs).
+pub(super) const HANDLED: [Signal; 7] = [
     Signal::SIGHUP,
     Signal::SIGTERM,
     Signal::SIGINT,

@@ -151,7 +151,7 @@ impl Master {
                         .pipes
                         .iter()
                         .filter(|p| !p.is_eof())
-                        .map(|p| (stream_name(p.stream), p.raw_fd(), p.partial().to_vec()))
+                        .map(|p| (p.stream, p.raw_fd(), p.partial().to_vec()))
                         .collect(),
                     listeners: io.listeners.iter().map(&mut index).collect(),
                     tail: w.tail.iter().cloned().collect(),
@@ -201,7 +201,7 @@ impl Master {
             orphan_pipes: self
                 .orphan_pipes
                 .iter()
-                .map(|(pid, g, p)| (pid.as_raw(), *g, stream_name(p.stream), p.raw_fd()))
+                .map(|(pid, g, p)| (pid.as_raw(), *g, p.stream, p.raw_fd()))
                 .collect(),
             orphan_partials: self.orphan_pipes.iter().map(|(_, _, p)| p.partial().to_vec()).collect(),
             reply_fd: from.and_then(|id| self.conns.get(&id)).map(|c| c.raw_fd()),
@@ -253,7 +253,7 @@ impl Master {
         let signals = Signals::install().map_err(|e| format!("installing signal handlers: {e}"))?;
         // Last: the log takes over its handed-over fd, and nothing may fail after that.
         let (log, sink) = match state.log.take() {
-            Some(l) => crate::log::resume(l, config.master.log_format),
+            Some(l) => crate::log::resume(l.path, l.fd.map(handover::own), l.pending, config.master.log_format),
             None => crate::log::build(&config.master.log, config.master.log_format)
                 .map_err(|e| format!("opening log {:?}: {}", config.master.log, describe_io(&e)))?,
         };
@@ -314,7 +314,7 @@ impl Master {
                 pipes: w
                     .pipes
                     .into_iter()
-                    .map(|(s, fd, partial)| Pipe::resume(handover::own(fd), stream_of(s), partial))
+                    .map(|(s, fd, partial)| Pipe::resume(handover::own(fd), s, partial))
                     .collect(),
                 status_text: w.status_text,
                 listeners: w.listeners.iter().filter_map(|&i| all.get(i).cloned()).collect(),
@@ -377,11 +377,7 @@ impl Master {
                     .into_iter()
                     .map(|(pid, g, s, fd)| {
                         let partial = partials.next().unwrap_or_default();
-                        (
-                            Pid::from_raw(pid),
-                            g,
-                            Pipe::resume(handover::own(fd), stream_of(s), partial),
-                        )
+                        (Pid::from_raw(pid), g, Pipe::resume(handover::own(fd), s, partial))
                     })
                     .collect()
             },
@@ -437,20 +433,6 @@ pub(super) struct Prepared {
     log: Logger,
     sink: Sink,
     signals: Signals,
-}
-
-fn stream_name(s: Stream) -> handover::StreamName {
-    match s {
-        Stream::Stdout => handover::StreamName::Stdout,
-        Stream::Stderr => handover::StreamName::Stderr,
-    }
-}
-
-fn stream_of(s: handover::StreamName) -> Stream {
-    match s {
-        handover::StreamName::Stdout => Stream::Stdout,
-        handover::StreamName::Stderr => Stream::Stderr,
-    }
 }
 
 /// Start `exe upgrade-check --state-version N` in its own process group, stdout and stderr to

@@ -24,7 +24,9 @@ const READ_BUDGET: usize = 256 * 1024;
 /// record of a hundred) overshoots little when the log says it has no more room.
 const CHUNK: usize = 16 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Handed over across an upgrade by name (`"stdout"`, `"stderr"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Stream {
     Stdout,
     Stderr,
