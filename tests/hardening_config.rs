@@ -16,6 +16,14 @@ fn listen(port: u16) -> String {
     format!("[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n")
 }
 
+/// A config whose worker serves the port (and says READY=1).
+fn serving(port: u16) -> String {
+    format!(
+        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\", \"--serve\"]\n{}",
+        listen(port)
+    )
+}
+
 fn run(z: &Zdd, args: &[&str]) -> Output {
     bounded(z.command(args))
 }
@@ -316,10 +324,7 @@ fn a_huge_argv_is_refused_without_being_echoed() {
 fn reload_to_a_missing_command_fails_and_the_old_generation_serves() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut z = Zdd::spawn(&format!(
-        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\", \"--serve\"]\n{}",
-        listen(port)
-    ));
+    let mut z = Zdd::spawn(&serving(port));
     z.wait_ready();
     let first = ask_gen(addr, 1);
     z.write_config(&format!(
@@ -346,10 +351,7 @@ fn reload_to_a_missing_command_fails_and_the_old_generation_serves() {
     );
     assert_eq!(ask(addr).unwrap(), (first, 1));
     assert_eq!(z.started_pids().len(), 1, "no worker may have been started");
-    z.write_config(&format!(
-        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\", \"--serve\"]\n{}",
-        listen(port)
-    ));
+    z.write_config(&serving(port));
     z.stop();
 }
 
@@ -509,10 +511,7 @@ fn socket_files_put_in_place_of_ours_are_not_removed_at_exit() {
 fn a_failed_second_start_leaves_the_running_masters_sockets_alone() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut z = Zdd::spawn(&format!(
-        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\", \"--serve\"]\n{}",
-        listen(port)
-    ));
+    let mut z = Zdd::spawn(&serving(port));
     z.wait_ready();
     ask_gen(addr, 1);
     let sock_id = |p: &str| {
@@ -611,10 +610,7 @@ fn a_zombie_master_is_not_running() {
 fn a_listen_fd_that_is_not_a_listening_socket_is_not_adopted() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut z = Zdd::new(&format!(
-        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\", \"--serve\"]\n{}",
-        listen(port)
-    ));
+    let mut z = Zdd::new(&serving(port));
     std::fs::write(z.path("file"), "a regular file").unwrap();
     let log = std::fs::File::create(&z.log).unwrap();
     // sh execs zdd, so $$ is the master's pid: LISTEN_PID names it as systemd would.

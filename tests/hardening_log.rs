@@ -119,6 +119,22 @@ fn a_terminal_that_stops_scrolling_blocks_nothing_either() {
     blocked_sink(Stdio::from(theirs), ours);
 }
 
+/// Read whole lines from `r` in a thread until EOF (the master's exit closes its stderr).
+fn read_lines_until_eof(r: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        let mut r = BufReader::new(r);
+        loop {
+            let mut line = Vec::new();
+            match r.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => lines.push(line),
+            }
+        }
+        lines
+    })
+}
+
 /// A master whose stderr (its log) is `theirs`, which nobody reads, with a worker flooding
 /// it: returns once the log is full and the relay paused (status answers all the while).
 fn start_with_a_blocked_log(theirs: Stdio) -> (Zdd, std::path::PathBuf, Value) {
@@ -174,18 +190,7 @@ fn blocked_sink(theirs: Stdio, stderr: impl Read + Send + 'static) {
     stop.read_line(&mut progress)
         .unwrap_or_else(|e| panic!("stop did not answer within 10 s: {e}"));
     assert!(progress.contains("stopping master pid"), "{progress}");
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        let mut r = BufReader::new(stderr);
-        loop {
-            let mut line = Vec::new();
-            match r.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => lines.push(line),
-            }
-        }
-        lines
-    });
+    let reader = read_lines_until_eof(stderr);
     stop.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
     let mut rest = String::new();
     stop.read_to_string(&mut rest).unwrap();
@@ -506,18 +511,7 @@ fn an_upgrade_with_a_blocked_log_hands_the_pending_lines_over() {
     assert!(s["log"]["pending_bytes"].as_u64().unwrap() >= 1024 * 1024, "{s}");
     assert_eq!(s["log"]["dropped_lines"], 0, "{s}");
     // Read everything from now on, and stop.
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        let mut r = BufReader::new(std::fs::File::from(ours));
-        loop {
-            let mut line = Vec::new();
-            match r.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => lines.push(line),
-            }
-        }
-        lines
-    });
+    let reader = read_lines_until_eof(std::fs::File::from(ours));
     let replies = request(&sock, r#"{"cmd":"stop"}"#, DEADLINE).unwrap();
     assert_eq!(replies.last().unwrap()["data"]["log_lines_lost"], 0, "{replies:?}");
     assert_eq!(z.wait_exit().code(), Some(0));

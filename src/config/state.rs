@@ -319,49 +319,8 @@ mod tests {
     use super::*;
     use crate::config;
 
-    /// Every key of the file, as in config/tests.rs's `every_key_is_read`; root exists everywhere.
-    const EVERY_KEY: &str = r#"
-[master]
-pid_file = "run/app.pid"
-control_socket = "/tmp/x/app.sock"
-log = "/var/log/zdd.log"
-log_format = "json"
-max_draining = 3
-[worker]
-command = ["/bin/sh", "-c", "exit 0"]
-cwd = "/srv"
-env = { A = "1", B = "two" }
-user = "root"
-group = "0"
-count = 4
-ready = "delay"
-ready_delay = "250ms"
-start_timeout = "1m30s"
-stop_signal = "QUIT"
-stop_timeout = "5s"
-restart = "on-failure"
-umask = "0027"
-compat = ["einhorn", "server_starter"]
-[rlimits]
-nofile = 4096
-core = { soft = 0, hard = "infinity" }
-[[listen]]
-name = "http"
-tcp = "[::1]:8080"
-backlog = 511
-[[listen]]
-name = "admin"
-unix = "admin.sock"
-mode = "0660"
-owner = "0"
-group = "0"
-[[listen]]
-name = "abs"
-unix = "@zdd-test"
-"#;
-
     fn every_key() -> Config {
-        config::parse(Path::new("/etc/zdd/app.toml"), EVERY_KEY).unwrap()
+        config::parse(Path::new("/etc/zdd/app.toml"), crate::config::tests::EVERY_KEY).unwrap()
     }
 
     #[test]

@@ -31,9 +31,8 @@ fn smallest_file_gets_defaults() {
     assert_eq!(c.master.control_socket.file_name().unwrap(), "app.sock");
 }
 
-#[test]
-fn every_key_is_read() {
-    let c = p(r#"
+/// Every key of the file (config/state.rs's round trip reads it too).
+pub(super) const EVERY_KEY: &str = r#"
 [master]
 pid_file = "run/app.pid"
 control_socket = "/tmp/x/app.sock"
@@ -71,8 +70,11 @@ group = "0"
 [[listen]]
 name = "abs"
 unix = "@zdd-test"
-"#)
-    .unwrap();
+"#;
+
+#[test]
+fn every_key_is_read() {
+    let c = p(EVERY_KEY).unwrap();
     assert_eq!(c.master.pid_file, PathBuf::from("/etc/zdd/run/app.pid"));
     assert_eq!(c.master.notify_socket, PathBuf::from("/tmp/x/app.notify"));
     assert_eq!(c.master.log_format, LogFormat::Json);
