@@ -108,6 +108,16 @@ pub enum Ready {
     Delay(Duration),
 }
 
+/// How a reload replaces the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadMode {
+    /// Start the whole new generation, then stop the old one.
+    AllAtOnce,
+    /// Replace `max_surge` slots at a time: a new worker for a slot, ready (and probed), then
+    /// that slot's old worker is stopped.
+    Rolling { max_surge: usize },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Restart {
     Always,
@@ -141,6 +151,9 @@ pub struct WorkerConfig {
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
     pub restart: Restart,
+    pub reload: ReloadMode,
+    /// After a cut-over, how long the new generation is watched; zero: not watched.
+    pub stable_after: Duration,
     pub umask: Option<u32>,
     pub compat: Vec<Compat>,
 }

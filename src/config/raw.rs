@@ -50,6 +50,9 @@ pub(super) struct RawWorker {
     pub(super) stop_signal: Option<Spanned<String>>,
     pub(super) stop_timeout: Option<Spanned<String>>,
     pub(super) restart: Option<Spanned<String>>,
+    pub(super) reload: Option<Spanned<String>>,
+    pub(super) max_surge: Option<Spanned<i64>>,
+    pub(super) stable_after: Option<Spanned<String>>,
     pub(super) umask: Option<Spanned<Octal>>,
     #[serde(default)]
     pub(super) compat: Vec<Spanned<String>>,

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{
     rlimit_resource, Compat, Config, Credentials, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig, Ready,
-    Restart, Rlimit, WorkerConfig,
+    ReloadMode, Restart, Rlimit, WorkerConfig,
 };
 
 /// [`Config`] as data.
@@ -82,8 +82,29 @@ pub struct WorkerState {
     pub stop_signal: String,
     pub stop_timeout: Duration,
     pub restart: RestartState,
+    /// Since hand-over version 3; an older master's config had all-at-once reloads.
+    #[serde(default)]
+    pub reload: ReloadModeState,
+    /// Since hand-over version 3; the default of the config key before.
+    #[serde(default = "default_stable_after")]
+    pub stable_after: Duration,
     pub umask: Option<u32>,
     pub compat: Vec<CompatState>,
+}
+
+fn default_stable_after() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// [`ReloadMode`] as data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReloadModeState {
+    #[default]
+    AllAtOnce,
+    Rolling {
+        max_surge: usize,
+    },
 }
 
 /// [`Credentials`] as data: the ids resolved at start, so no lookup is needed to resume.
@@ -182,6 +203,11 @@ impl From<&Config> for ConfigState {
                     Restart::OnFailure => RestartState::OnFailure,
                     Restart::Never => RestartState::Never,
                 },
+                reload: match w.reload {
+                    ReloadMode::AllAtOnce => ReloadModeState::AllAtOnce,
+                    ReloadMode::Rolling { max_surge } => ReloadModeState::Rolling { max_surge },
+                },
+                stable_after: w.stable_after,
                 umask: w.umask,
                 compat: w
                     .compat
@@ -286,6 +312,11 @@ impl ConfigState {
                     RestartState::OnFailure => Restart::OnFailure,
                     RestartState::Never => Restart::Never,
                 },
+                reload: match w.reload {
+                    ReloadModeState::AllAtOnce => ReloadMode::AllAtOnce,
+                    ReloadModeState::Rolling { max_surge } => ReloadMode::Rolling { max_surge },
+                },
+                stable_after: w.stable_after,
                 umask: w.umask,
                 compat: w
                     .compat

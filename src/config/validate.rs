@@ -18,7 +18,7 @@ use super::checks::{
 use super::raw::{LimitValue, Octal, RawLimit, RawListen, RawMaster, RawWorker, Source};
 use super::{
     cut, shown, Compat, ConfigError, Credentials, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig, Ready,
-    Restart, Rlimit, WorkerConfig, MAX_ARGS_TOTAL, MAX_ARG_LEN, MAX_DURATION, MAX_SHOWN,
+    ReloadMode, Restart, Rlimit, WorkerConfig, MAX_ARGS_TOTAL, MAX_ARG_LEN, MAX_DURATION, MAX_SHOWN,
 };
 
 pub(super) struct Validator<'a> {
@@ -363,6 +363,31 @@ impl Validator<'_> {
                 ))
             }
         };
+        let reload = match w.reload.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("all-at-once", _)) => {
+                if let Some(m) = &w.max_surge {
+                    return Err(self.err(m.span(), "worker.max_surge", "only used with reload = \"rolling\""));
+                }
+                ReloadMode::AllAtOnce
+            }
+            Some(("rolling", _)) => ReloadMode::Rolling {
+                max_surge: match &w.max_surge {
+                    None => 1,
+                    Some(n) => usize::try_from(*n.get_ref())
+                        .ok()
+                        .filter(|n| (1..=4096).contains(n))
+                        .ok_or_else(|| self.err(n.span(), "worker.max_surge", "must be between 1 and 4096"))?,
+                },
+            },
+            Some((other, span)) => {
+                return Err(self.err(
+                    span,
+                    "worker.reload",
+                    format!("expected \"all-at-once\" or \"rolling\", got {}", shown(other)),
+                ))
+            }
+        };
+        let stable_after = self.duration(&w.stable_after, "worker.stable_after", Duration::from_secs(5), false)?;
         let umask = w
             .umask
             .as_ref()
@@ -393,6 +418,8 @@ impl Validator<'_> {
             stop_signal,
             stop_timeout,
             restart,
+            reload,
+            stable_after,
             umask,
             compat,
         })

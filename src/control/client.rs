@@ -219,6 +219,9 @@ pub fn format_status(s: &Value) -> String {
         },
         s["config"].as_str().unwrap_or("?"),
     ));
+    if let Some(u) = s["unstable"].as_str() {
+        out.push_str(&format!("UNSTABLE {u}\n"));
+    }
     // The log, only when there is something to say: lines lost, a write failing, bytes waiting.
     let log = &s["log"];
     let mut said = Vec::new();

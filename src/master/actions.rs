@@ -23,6 +23,14 @@ impl Master {
                 Some(w) => w.kill_group(),
                 None => crate::worker::signal_group(pid, Signal::SIGKILL),
             },
+            // The probe runner comes with `[worker.probe]`; until a probe can be configured,
+            // the machine never asks for one.
+            Action::Probe { pid } => {
+                return Some(Event::ProbeFailed {
+                    pid,
+                    reason: "probes are not available in this build".into(),
+                })
+            }
             Action::PrepareReload { generation, .. } => return Some(self.prepare_reload(generation)),
             Action::CommitReload { generation } => self.commit_reload(generation),
             Action::DiscardReload { generation, failed } => self.discard_reload(generation, failed),
@@ -84,6 +92,7 @@ impl Master {
                 monotonic_usec()
             ),
             Systemd::Stopping => "STOPPING=1\nSTATUS=stopping".into(),
+            Systemd::Status(status) => format!("STATUS={status}"),
             Systemd::ExtendTimeout(d) => format!("EXTEND_TIMEOUT_USEC={}", d.as_micros()),
         };
         systemd.send(&message);

@@ -158,6 +158,7 @@ impl Master {
             "phase": self.gens.phase().name(),
             "generation": self.gens.generation(),
             "reloading": self.gens.reloading(),
+            "unstable": self.gens.unstable(),
             "workers": workers,
             "listeners": listeners,
             "log": self.sink.status(),

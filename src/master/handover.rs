@@ -45,8 +45,10 @@ pub const ENV_EXE_FD: &str = "ZDD_UPGRADE_EXE_FD";
 /// Set by a new image that failed, for the old one it rolls back to: why.
 pub const ENV_ROLLED_BACK: &str = "ZDD_UPGRADE_ROLLED_BACK";
 
-/// The hand-over format this binary writes. Version 1 (zdd 0.1.0) had no `version` field.
-pub const STATE_VERSION: u32 = 2;
+/// The hand-over format this binary writes. Version 1 (zdd 0.1.0) had no `version` field;
+/// version 3 added the `probing` worker state and the config's `reload`, `max_surge`,
+/// `stable_after` and `[worker.probe]` (read from older versions as their defaults).
+pub const STATE_VERSION: u32 = 3;
 /// The oldest hand-over format this binary reads.
 pub const OLDEST_STATE_VERSION: u32 = 1;
 /// How long `zdd upgrade-check` of the new binary may take.
@@ -61,6 +63,8 @@ fn version_1() -> u32 {
 #[serde(rename_all = "lowercase")]
 pub enum WorkerPhase {
     Starting,
+    /// Since version 3: ready by its own account, its probe running (restarted after resume).
+    Probing,
     Ready,
     Stopping,
     Killed,

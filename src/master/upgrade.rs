@@ -129,9 +129,10 @@ impl Master {
             .map(|(w, io)| {
                 use handover::WorkerPhase as P;
                 let (state, remaining_ms, ready_in_ms) = match w.state {
-                    State::Starting { deadline, ready_at } => {
+                    State::Starting { deadline, ready_at, .. } => {
                         (P::Starting, Some(ms_left(deadline)), ready_at.map(ms_left))
                     }
+                    State::Probing { deadline } => (P::Probing, Some(ms_left(deadline)), None),
                     State::Ready => (P::Ready, None, None),
                     State::Stopping { kill_at } => (P::Stopping, Some(ms_left(kill_at)), None),
                     State::Killed | State::Exited(_) => (P::Killed, None, None),
@@ -294,6 +295,11 @@ impl Master {
                     P::Starting => State::Starting {
                         deadline: after_ms(w.remaining_ms),
                         ready_at: w.ready_in_ms.map(|ms| after_ms(Some(ms))),
+                        // Only the serving generation's workers are handed over.
+                        probe: generations::Params::of(&config).probe,
+                    },
+                    P::Probing => State::Probing {
+                        deadline: after_ms(w.remaining_ms),
                     },
                     P::Ready => State::Ready,
                     P::Stopping => State::Stopping {

@@ -1,7 +1,8 @@
 //! A worker and its state machine.
 //!
-//! Every worker is `Starting → Ready → Stopping → Exited`, with `Killed` for one that was sent
-//! SIGKILL. The deadline of each state is data inside the state, and one exhaustive `match` on
+//! Every worker is `Starting → Ready → Stopping → Exited`, with `Probing` between `Starting`
+//! and `Ready` when a health probe is configured (`[worker.probe]`: the worker said it is
+//! ready, the probe decides), and `Killed` for one that was sent SIGKILL. The deadline of each state is data inside the state, and one exhaustive `match` on
 //! (state, event) in [`transition`] is the only place states change: start, reload, crash
 //! restart and stop are all expressed as events fed to it. [`transition`] is pure (it returns
 //! the effects to carry out), so it is unit-tested with synthetic events and clocks. The
@@ -62,10 +63,17 @@ impl fmt::Display for ExitStatus {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
-    /// Started, not ready yet. `ready_at` is set for `ready = "delay"`.
+    /// Started, not ready yet. `ready_at` is set for `ready = "delay"`; `probe` is the longest
+    /// its probe may take once it is ready, when one is configured.
     Starting {
         deadline: Instant,
         ready_at: Option<Instant>,
+        probe: Option<Duration>,
+    },
+    /// Ready by its own account (or its delay); its probe runs. Killed at `deadline` if no
+    /// verdict came (the probe runner always gives one before: this is a backstop).
+    Probing {
+        deadline: Instant,
     },
     Ready,
     /// Sent its stop signal; SIGKILL to its process group at `kill_at`.
@@ -81,6 +89,7 @@ impl State {
     pub fn name(&self) -> &'static str {
         match self {
             State::Starting { .. } => "starting",
+            State::Probing { .. } => "probing",
             State::Ready => "ready",
             State::Stopping { .. } => "stopping",
             State::Killed => "killed",
@@ -90,7 +99,8 @@ impl State {
 
     pub fn deadline(&self) -> Option<Instant> {
         match *self {
-            State::Starting { deadline, ready_at } => Some(ready_at.map_or(deadline, |r| r.min(deadline))),
+            State::Starting { deadline, ready_at, .. } => Some(ready_at.map_or(deadline, |r| r.min(deadline))),
+            State::Probing { deadline } => Some(deadline),
             State::Stopping { kill_at } => Some(kill_at),
             _ => None,
         }
@@ -103,8 +113,12 @@ impl State {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// READY=1 arrived from the worker or its process group.
-    Ready,
+    /// READY=1 arrived from the worker or its process group, or it was seen listening.
+    Ready(Instant),
+    /// Its probe passed.
+    ProbePassed,
+    /// Its probe failed.
+    ProbeFailed,
     /// Time passed; deadlines up to `now` are due.
     Tick(Instant),
     /// Stop gracefully (reload committed, or master stopping).
@@ -121,7 +135,13 @@ pub enum Effect {
     SendStopSignal,
     KillGroup,
     BecameReady,
+    /// Ready by its own account: probe it now.
+    StartProbe,
     StartTimedOut,
+    /// The probe failed, or gave no verdict in time (`timed_out`).
+    ProbeFailed {
+        timed_out: bool,
+    },
     /// The worker is gone; `expected` when zdd itself had asked it to go.
     Gone {
         status: ExitStatus,
@@ -135,21 +155,32 @@ pub fn transition(state: State, event: Event, stop_timeout: Duration) -> (State,
     use State as S;
     match (state, event) {
         (S::Exited(_), _) => (state, vec![]),
-        (S::Starting { .. }, E::Ready) => (S::Ready, vec![Effect::BecameReady]),
-        (S::Ready | S::Stopping { .. } | S::Killed, E::Ready) => (state, vec![]),
+        (S::Starting { probe, .. }, E::Ready(now)) => said_ready(now, probe),
+        (S::Probing { .. } | S::Ready | S::Stopping { .. } | S::Killed, E::Ready(_)) => (state, vec![]),
+        (S::Probing { .. }, E::ProbePassed) => (S::Ready, vec![Effect::BecameReady]),
+        (S::Probing { .. }, E::ProbeFailed) => (
+            S::Killed,
+            vec![Effect::KillGroup, Effect::ProbeFailed { timed_out: false }],
+        ),
+        (_, E::ProbePassed | E::ProbeFailed) => (state, vec![]),
         (
             S::Starting {
                 ready_at: Some(at),
                 deadline,
+                probe,
             },
             E::Tick(now),
-        ) if now >= at && at < deadline => (S::Ready, vec![Effect::BecameReady]),
+        ) if now >= at && at < deadline => said_ready(now, probe),
         (S::Starting { deadline, .. }, E::Tick(now)) if now >= deadline => {
             (S::Killed, vec![Effect::KillGroup, Effect::StartTimedOut])
         }
+        (S::Probing { deadline }, E::Tick(now)) if now >= deadline => (
+            S::Killed,
+            vec![Effect::KillGroup, Effect::ProbeFailed { timed_out: true }],
+        ),
         (S::Stopping { kill_at }, E::Tick(now)) if now >= kill_at => (S::Killed, vec![Effect::KillGroup]),
         (_, E::Tick(_)) => (state, vec![]),
-        (S::Starting { .. } | S::Ready, E::Stop(now)) => (
+        (S::Starting { .. } | S::Probing { .. } | S::Ready, E::Stop(now)) => (
             S::Stopping {
                 kill_at: crate::clock::after(now, stop_timeout),
             },
@@ -162,6 +193,19 @@ pub fn transition(state: State, event: Event, stop_timeout: Duration) -> (State,
             let expected = matches!(prev, S::Stopping { .. } | S::Killed);
             (S::Exited(status), vec![Effect::Gone { status, expected }])
         }
+    }
+}
+
+/// A starting worker said it is ready (or its delay passed): ready, or probed first.
+fn said_ready(now: Instant, probe: Option<Duration>) -> (State, Vec<Effect>) {
+    match probe {
+        None => (State::Ready, vec![Effect::BecameReady]),
+        Some(budget) => (
+            State::Probing {
+                deadline: crate::clock::after(now, budget),
+            },
+            vec![Effect::StartProbe],
+        ),
     }
 }
 
@@ -253,6 +297,7 @@ mod tests {
         State::Starting {
             deadline: now + Duration::from_secs(10),
             ready_at,
+            probe: None,
         }
     }
 
@@ -260,10 +305,13 @@ mod tests {
     fn ready_message_makes_a_starting_worker_ready() {
         let now = Instant::now();
         assert_eq!(
-            transition(starting(now, None), Event::Ready, STOP),
+            transition(starting(now, None), Event::Ready(now), STOP),
             (State::Ready, vec![Effect::BecameReady])
         );
-        assert_eq!(transition(State::Ready, Event::Ready, STOP), (State::Ready, vec![]));
+        assert_eq!(
+            transition(State::Ready, Event::Ready(now), STOP),
+            (State::Ready, vec![])
+        );
     }
 
     #[test]
@@ -275,6 +323,55 @@ mod tests {
             transition(s, Event::Tick(now + Duration::from_secs(1)), STOP),
             (State::Ready, vec![Effect::BecameReady])
         );
+    }
+
+    #[test]
+    fn a_probed_worker_is_ready_only_when_its_probe_passes() {
+        let now = Instant::now();
+        let budget = Duration::from_secs(3);
+        let s = State::Starting {
+            deadline: now + Duration::from_secs(10),
+            ready_at: None,
+            probe: Some(budget),
+        };
+        let (p, e) = transition(s, Event::Ready(now), STOP);
+        assert_eq!(p, State::Probing { deadline: now + budget });
+        assert_eq!(e, vec![Effect::StartProbe]);
+        assert_eq!(transition(p, Event::Ready(now), STOP), (p, vec![]));
+        assert_eq!(
+            transition(p, Event::Tick(now + Duration::from_secs(1)), STOP),
+            (p, vec![])
+        );
+        assert_eq!(
+            transition(p, Event::ProbePassed, STOP),
+            (State::Ready, vec![Effect::BecameReady])
+        );
+        assert_eq!(
+            transition(p, Event::ProbeFailed, STOP),
+            (
+                State::Killed,
+                vec![Effect::KillGroup, Effect::ProbeFailed { timed_out: false }]
+            )
+        );
+        assert_eq!(
+            transition(p, Event::Tick(now + budget), STOP),
+            (
+                State::Killed,
+                vec![Effect::KillGroup, Effect::ProbeFailed { timed_out: true }]
+            )
+        );
+        // A verdict for a worker that is no longer probed changes nothing.
+        assert_eq!(
+            transition(State::Ready, Event::ProbeFailed, STOP),
+            (State::Ready, vec![])
+        );
+        // Delayed readiness is probed too.
+        let d = State::Starting {
+            deadline: now + Duration::from_secs(10),
+            ready_at: Some(now),
+            probe: Some(budget),
+        };
+        assert_eq!(transition(d, Event::Tick(now), STOP).1, vec![Effect::StartProbe]);
     }
 
     #[test]
@@ -327,7 +424,9 @@ mod tests {
     fn exited_is_final() {
         let s = State::Exited(ExitStatus::Code(0));
         for ev in [
-            Event::Ready,
+            Event::Ready(Instant::now()),
+            Event::ProbePassed,
+            Event::ProbeFailed,
             Event::Kill,
             Event::Stop(Instant::now()),
             Event::Tick(Instant::now()),

@@ -20,8 +20,20 @@
 //! requests that arrive meanwhile set `reload_again`: one more reload after this one; control
 //! clients wait for an `attempt`'s outcome.
 //!
-//! Each worker's own state (`Starting → Ready → Stopping → Killed → Exited`) changes only
-//! through [`crate::worker::transition`].
+//! Rolling reloads (`reload = "rolling"`) replace the serving generation `max_surge` slots at a
+//! time: a new worker for a slot, ready (and probed), then that slot's old worker is asked to
+//! stop, then the next slot. If a new worker fails, the slots not replaced yet are left alone and
+//! the replaced ones are rolled back the same way: a worker of the serving generation for the
+//! slot, ready, then the new one is stopped; the reload's verdict comes when the roll-back is
+//! over. Whenever a serving-generation worker becomes ready, any worker of a generation that
+//! never committed left in its slot is stopped ("superseded").
+//!
+//! After a cut-over the new generation is watched for `stable_after`: if no worker of it serves
+//! any more within that time, the machine says so (log, status, systemd) and old generations
+//! still draining are not SIGKILLed while none serves.
+//!
+//! Each worker's own state (`Starting → (Probing →) Ready → Stopping → Killed → Exited`)
+//! changes only through [`crate::worker::transition`]; a probe's verdict comes from the loop.
 
 use std::time::{Duration, Instant};
 
@@ -53,6 +65,13 @@ pub struct Params {
     pub stop_timeout: Duration,
     /// `[master] max_draining` of this reading (applied at commit, see `limit_draining`).
     pub max_draining: usize,
+    /// With `[worker.probe]`: the longest the cut-over probe of one worker may take (a backstop;
+    /// the loop's probe always gives its verdict before).
+    pub probe: Option<Duration>,
+    /// `reload = "rolling"`: how many slots are replaced at a time.
+    pub rolling: Option<usize>,
+    /// How long a new generation is watched after its cut-over (zero: not watched).
+    pub stable_after: Duration,
 }
 
 impl Params {
@@ -67,6 +86,12 @@ impl Params {
             stop_signal: w.stop_signal,
             stop_timeout: w.stop_timeout,
             max_draining: config.master.max_draining,
+            probe: None,
+            rolling: match w.reload {
+                crate::config::ReloadMode::AllAtOnce => None,
+                crate::config::ReloadMode::Rolling { max_surge } => Some(max_surge),
+            },
+            stable_after: w.stable_after,
         }
     }
 }
@@ -139,9 +164,20 @@ pub enum Event {
         slot: usize,
         reason: String,
     },
-    /// READY=1 from the worker (or its process group).
+    /// READY=1 from the worker (or its process group), or the loop saw it listening.
     WorkerReady {
         pid: Pid,
+    },
+    /// The probe the loop ran for [`Action::Probe`] passed.
+    #[allow(dead_code)] // until the probe runner lands
+    ProbePassed {
+        pid: Pid,
+    },
+    /// The cut-over probe failed, or a serving worker missed its periodic probes
+    /// (`[worker.probe] interval`): `reason` names the probe, the target and the answer.
+    ProbeFailed {
+        pid: Pid,
+        reason: String,
     },
     /// Reaped. Its output up to its exit was given to [`Generations::remember`] first.
     WorkerExited {
@@ -203,6 +239,8 @@ pub enum Systemd {
     Stopping,
     /// `EXTEND_TIMEOUT_USEC=…`
     ExtendTimeout(Duration),
+    /// `STATUS={0}`
+    Status(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -221,6 +259,11 @@ pub enum Action {
     },
     /// SIGKILL the worker's process group and cgroup.
     KillGroup {
+        pid: Pid,
+    },
+    /// Probe the worker (`[worker.probe]`) through its private listener; answer with
+    /// [`Event::ProbePassed`] or [`Event::ProbeFailed`].
+    Probe {
         pid: Pid,
     },
     /// Read the config, bind the new listeners, check credentials, hand the notify socket to
@@ -290,6 +333,35 @@ struct Reload {
     generation: u64,
     params: Option<Params>,
     failure: Option<Failure>,
+    /// A rolling reload's progress.
+    roll: Option<Roll>,
+}
+
+/// A rolling reload's progress (see the module's theory of operation).
+#[derive(Debug, Clone, Default)]
+struct Roll {
+    surge: usize,
+    /// The next slot of the new generation to start.
+    next: usize,
+    /// Slots whose old worker was asked to stop, in that order.
+    replaced: Vec<usize>,
+    /// Rolling back after a failure.
+    back: Option<RollBack>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct RollBack {
+    /// Replaced slots still to give back to the serving generation.
+    queue: std::collections::VecDeque<usize>,
+    /// Slots whose serving-generation worker is starting.
+    in_flight: Vec<usize>,
+}
+
+/// The watch over a new generation after its cut-over (`stable_after`).
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    generation: u64,
+    until: Instant,
 }
 
 /// What an outstanding [`Action::Spawn`] was for.
@@ -300,6 +372,10 @@ enum SpawnFor {
     Generation { count: usize },
     /// A crash restart: a failure backs off again.
     Restart,
+    /// One slot of a rolling reload's generation: a failure fails the reload.
+    Roll,
+    /// A replaced slot given back to the serving generation: a failure backs off like a crash.
+    RollBack,
 }
 
 /// The state machine.
@@ -326,6 +402,11 @@ pub struct Generations {
     waiters: Vec<(ClientId, u64)>,
     /// The config file, for progress messages.
     config_path: String,
+    /// The reason of the probe verdict being fed (see `Event::ProbeFailed`).
+    probe_verdict: Option<String>,
+    watch: Option<Watch>,
+    /// The serving generation stopped serving within `stable_after` of its cut-over: why.
+    unstable: Option<String>,
     out: Vec<Action>,
 }
 
@@ -361,6 +442,9 @@ impl Generations {
             spawning: Vec::new(),
             waiters: Vec::new(),
             config_path: config_path.into(),
+            probe_verdict: None,
+            watch: None,
+            unstable: None,
             out: Vec::new(),
         }
     }
@@ -440,10 +524,21 @@ impl Generations {
         self.phase == Phase::Stopping && self.workers.is_empty() && self.spawning.is_empty()
     }
 
-    /// The earliest deadline: a worker's start timeout, delayed readiness or kill, or a
-    /// slot's restart.
+    /// Why the serving generation is not trusted: it stopped serving within `stable_after` of
+    /// its cut-over (for `status`; cleared by the next cut-over).
+    pub fn unstable(&self) -> Option<&str> {
+        self.unstable.as_deref()
+    }
+
+    /// The earliest deadline: a worker's start timeout, delayed readiness, probe or kill, or a
+    /// slot's restart. Kills held back (see `holding`) are not deadlines.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let workers = self.workers.iter().filter_map(|w| w.state.deadline());
+        let holding = self.holding();
+        let workers = self
+            .workers
+            .iter()
+            .filter(|w| !(holding && self.held(w)))
+            .filter_map(|w| w.state.deadline());
         let restarts = self.slots.iter().filter_map(|s| s.restart_at);
         workers.chain(restarts).min()
     }
@@ -496,9 +591,15 @@ impl Generations {
             } => self.spawn_failed(now, generation, slot, reason),
             Event::WorkerReady { pid } => {
                 if let Some(i) = self.index(pid) {
-                    self.feed(now, i, WorkerEvent::Ready);
+                    self.feed(now, i, WorkerEvent::Ready(now));
                 }
             }
+            Event::ProbePassed { pid } => {
+                if let Some(i) = self.index(pid) {
+                    self.feed(now, i, WorkerEvent::ProbePassed);
+                }
+            }
+            Event::ProbeFailed { pid, reason } => self.probe_failed(now, pid, reason),
             Event::WorkerExited { pid, status } => match self.index(pid) {
                 Some(i) => {
                     self.feed(now, i, WorkerEvent::Exited(status));

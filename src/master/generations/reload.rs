@@ -49,7 +49,12 @@ impl Generations {
             }
             Phase::Running => {
                 if let Some(r) = &self.reload {
-                    if r.failure.is_some() {
+                    let back = r.roll.as_ref().and_then(|roll| roll.back.as_ref());
+                    if let Some(back) = back {
+                        if back.queue.is_empty() && back.in_flight.is_empty() {
+                            self.fail_reload(now);
+                        }
+                    } else if r.failure.is_some() {
                         self.fail_reload(now);
                     } else if let Some(p) = &r.params {
                         if self.ready_count(r.generation) == p.count {
@@ -177,6 +182,7 @@ impl Generations {
             generation,
             params: None,
             failure: None,
+            roll: None,
         });
         self.out.push(Action::PrepareReload {
             attempt: self.attempt,
@@ -204,8 +210,177 @@ impl Generations {
         );
         if let Some(r) = &mut self.reload {
             r.params = Some(params.clone());
+            r.roll = params.rolling.map(|surge| Roll {
+                surge,
+                ..Roll::default()
+            });
         }
-        self.spawn_generation(&params, generation);
+        if params.rolling.is_some() {
+            self.extend_timeout(&params);
+            self.roll_on();
+        } else {
+            self.spawn_generation(&params, generation);
+        }
+    }
+
+    /// A rolling reload's new generation is under way, not being rolled back.
+    pub(super) fn rolling_forward(&self, generation: u64) -> bool {
+        matches!(&self.reload, Some(Reload { generation: g, roll: Some(roll), .. }) if *g == generation && roll.back.is_none())
+    }
+
+    /// The slot has been replaced by a rolling reload under way: the serving generation
+    /// neither restarts nor keeps a worker there.
+    pub(super) fn slot_taken(&self, slot: usize) -> bool {
+        matches!(&self.reload, Some(Reload { roll: Some(roll), .. }) if roll.back.is_none() && roll.replaced.contains(&slot))
+    }
+
+    /// Start the rolling reload's next slots, up to `max_surge` new workers starting at once.
+    pub(super) fn roll_on(&mut self) {
+        let Some(Reload {
+            generation,
+            params: Some(p),
+            failure: None,
+            roll: Some(roll),
+        }) = &self.reload
+        else {
+            return;
+        };
+        if roll.back.is_some() {
+            return;
+        }
+        let (generation, count, surge, mut next) = (*generation, p.count, roll.surge, roll.next);
+        let starting = self
+            .workers
+            .iter()
+            .filter(|w| w.generation == generation && matches!(w.state, State::Starting { .. } | State::Probing { .. }))
+            .count()
+            + self.spawning.iter().filter(|&&(g, _, _)| g == generation).count();
+        for _ in starting..surge {
+            if next >= count {
+                break;
+            }
+            self.spawn(generation, next, SpawnFor::Roll);
+            next += 1;
+        }
+        if let Some(Reload { roll: Some(roll), .. }) = &mut self.reload {
+            roll.next = next;
+        }
+    }
+
+    /// A rolling reload's new worker for `slot` is ready: the slot's old worker is asked to
+    /// stop, and the next slot starts.
+    pub(super) fn replace_slot(&mut self, now: Instant, slot: usize) {
+        let count = self
+            .reload
+            .as_ref()
+            .and_then(|r| r.params.as_ref())
+            .map_or(0, |p| p.count);
+        for i in 0..self.workers.len() {
+            let w = &self.workers[i];
+            if w.generation == self.generation && w.slot == slot {
+                self.feed(now, i, WorkerEvent::Stop(now));
+            }
+        }
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.restart_at = None;
+        }
+        let mut done = 0;
+        if let Some(Reload { roll: Some(roll), .. }) = &mut self.reload {
+            roll.replaced.push(slot);
+            done = roll.replaced.len();
+        }
+        self.progress(self.attempt, format!("slot {} of {count} replaced (slot {slot})", done));
+        self.log(
+            Level::Info,
+            "slot replaced".into(),
+            vec![
+                ("of", Kv::U64(count as u64)),
+                ("replaced", Kv::U64(done as u64)),
+                ("slot", Kv::U64(slot as u64)),
+            ],
+        );
+        self.roll_on();
+    }
+
+    /// A rolling reload failed with slots replaced: give them back to the serving generation,
+    /// `max_surge` at a time. The new workers of the other slots are killed at once.
+    fn begin_rollback(&mut self, now: Instant) {
+        let Some(Reload {
+            generation,
+            roll: Some(roll),
+            ..
+        }) = &mut self.reload
+        else {
+            return;
+        };
+        let generation = *generation;
+        let replaced = roll.replaced.clone();
+        roll.back = Some(RollBack {
+            queue: replaced.iter().copied().collect(),
+            in_flight: Vec::new(),
+        });
+        for i in 0..self.workers.len() {
+            let w = &self.workers[i];
+            if w.generation == generation && !replaced.contains(&w.slot) {
+                self.feed(now, i, WorkerEvent::Kill);
+            }
+        }
+        let reason = self
+            .reload
+            .as_ref()
+            .and_then(|r| r.failure.as_ref())
+            .map(|f| f.reason.clone())
+            .unwrap_or_default();
+        self.log(
+            Level::Error,
+            format!("rolling reload failed: rolling back {} slots: {reason}", replaced.len()),
+            vec![("generation", Kv::U64(generation))],
+        );
+        self.progress(
+            self.attempt,
+            format!("failed: {reason}; rolling back {} slots", replaced.len()),
+        );
+        self.rollback_on();
+    }
+
+    /// Start serving-generation workers for the next replaced slots, `max_surge` at a time.
+    fn rollback_on(&mut self) {
+        let serving = self.generation;
+        let mut todo = Vec::new();
+        if let Some(Reload { roll: Some(roll), .. }) = &mut self.reload {
+            let surge = roll.surge;
+            if let Some(back) = &mut roll.back {
+                while back.in_flight.len() < surge {
+                    let Some(slot) = back.queue.pop_front() else { break };
+                    back.in_flight.push(slot);
+                    todo.push(slot);
+                }
+            }
+        }
+        for slot in todo {
+            if let Some(s) = self.slots.get_mut(slot) {
+                s.restart_at = None;
+            }
+            self.spawn(serving, slot, SpawnFor::RollBack);
+        }
+    }
+
+    /// The serving generation's worker for a slot being rolled back is ready, or failed (then
+    /// the slot restarts with back-off like after a crash, and the new worker stays until a
+    /// serving one is ready there): the roll-back goes on.
+    pub(super) fn rollback_slot_done(&mut self, slot: usize) {
+        let mut was = false;
+        if let Some(Reload { roll: Some(roll), .. }) = &mut self.reload {
+            if let Some(back) = &mut roll.back {
+                if let Some(i) = back.in_flight.iter().position(|&s| s == slot) {
+                    back.in_flight.remove(i);
+                    was = true;
+                }
+            }
+        }
+        if was {
+            self.rollback_on();
+        }
     }
 
     pub(super) fn prepare_failed(&mut self, generation: u64, message: String) {
@@ -235,6 +410,11 @@ impl Generations {
                 self.feed(now, i, WorkerEvent::Stop(now));
             }
         }
+        self.unstable = None;
+        self.watch = (!params.stable_after.is_zero()).then(|| Watch {
+            generation,
+            until: clock::after(now, params.stable_after),
+        });
         self.out.push(Action::CommitReload { generation });
         self.generation = generation;
         self.slots = vec![Slot::default(); params.count];
@@ -293,9 +473,16 @@ impl Generations {
     }
 
     pub(super) fn fail_reload(&mut self, now: Instant) {
+        let rolled = match self.reload.as_ref().and_then(|r| r.roll.as_ref()) {
+            Some(roll) if roll.back.is_none() && !roll.replaced.is_empty() => return self.begin_rollback(now),
+            Some(roll) if roll.back.is_some() => Some(roll.replaced.len()),
+            _ => None,
+        };
         let Some(r) = self.reload.take() else { return };
         for i in 0..self.workers.len() {
-            if self.workers[i].generation == r.generation {
+            // After a roll-back, a new worker still serving is one whose slot could not be
+            // given back yet: it stays until a serving-generation worker is ready there.
+            if self.workers[i].generation == r.generation && rolled.is_none() {
                 self.feed(now, i, WorkerEvent::Kill);
             }
         }
@@ -313,10 +500,17 @@ impl Generations {
             "still serving".into(),
             vec![("generation", Kv::U64(self.generation))],
         );
-        let message = format!(
-            "reload failed: {}; generation {} keeps serving",
-            f.reason, self.generation
-        );
+        let count = r.params.as_ref().map_or(0, |p| p.count);
+        let message = match rolled {
+            Some(n) => format!(
+                "reload failed: rolled back after slot {n} of {count}: {}; generation {} keeps serving",
+                f.reason, self.generation
+            ),
+            None => format!(
+                "reload failed: {}; generation {} keeps serving",
+                f.reason, self.generation
+            ),
+        };
         self.tell_systemd(Systemd::Ready {
             status: message.clone(),
         });

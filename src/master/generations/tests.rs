@@ -13,6 +13,23 @@ fn params(count: usize) -> Params {
         stop_signal: Signal::SIGTERM,
         stop_timeout: 5 * SEC,
         max_draining: 2,
+        probe: None,
+        rolling: None,
+        stable_after: Duration::ZERO,
+    }
+}
+
+fn probed(count: usize) -> Params {
+    Params {
+        probe: Some(3 * SEC),
+        ..params(count)
+    }
+}
+
+fn rolling(count: usize, surge: usize) -> Params {
+    Params {
+        rolling: Some(surge),
+        ..params(count)
     }
 }
 
@@ -136,6 +153,9 @@ impl Sim {
         let mut all = Vec::new();
         for pid in self.pids(generation) {
             all.extend(self.step(Event::WorkerReady { pid }));
+            if matches!(self.state(pid), State::Probing { .. }) {
+                all.extend(self.step(Event::ProbePassed { pid }));
+            }
         }
         all
     }
@@ -1149,4 +1169,269 @@ fn a_worker_spawned_after_its_generation_was_replaced_is_stopped_at_once() {
         },
     );
     assert!(signalled(&a).contains(&Pid::from_raw(900)), "{a:?}");
+}
+
+// ---- probes ------------------------------------------------------------------------------
+
+fn probes(a: &[Action]) -> Vec<Pid> {
+    a.iter()
+        .filter_map(|a| match a {
+            &Action::Probe { pid } => Some(pid),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_probed_start_succeeds_only_once_the_probe_passes() {
+    let mut s = Sim::new(probed(1));
+    s.step(Event::Start);
+    let pid = s.pid(1, 0);
+    let a = s.step(Event::WorkerReady { pid });
+    assert_eq!(probes(&a), vec![pid]);
+    assert_eq!(s.state(pid).name(), "probing");
+    assert_eq!(s.g.phase(), Phase::Starting);
+    let a = s.step(Event::ProbePassed { pid });
+    assert_eq!(s.g.phase(), Phase::Running);
+    assert!(a.iter().any(|a| matches!(a, Action::StartSucceeded { .. })));
+}
+
+#[test]
+fn a_failed_probe_fails_the_reload_with_its_reason_and_the_old_generation_serves_on() {
+    let mut s = Sim::running(probed(2));
+    let old = s.pids(1);
+    s.next = Ok(probed(2));
+    s.reload(Some(C1));
+    let new = s.pids(2);
+    assert_eq!(new.len(), 2);
+    s.step(Event::WorkerReady { pid: new[0] });
+    s.step(Event::ProbePassed { pid: new[0] });
+    s.step(Event::WorkerReady { pid: new[1] });
+    let a = s.step(Event::ProbeFailed {
+        pid: new[1],
+        reason: "probe GET /healthz on worker pid 2: status 500".into(),
+    });
+    let r = replies(&a);
+    assert_eq!(r.len(), 1);
+    assert!(!r[0].1);
+    assert!(
+        r[0].2
+            .starts_with("reload failed: probe GET /healthz on worker pid 2: status 500; generation 1 keeps serving"),
+        "{}",
+        r[0].2
+    );
+    let mut k = killed(&a);
+    k.sort();
+    assert_eq!(k, new);
+    assert!(signalled(&a).is_empty(), "the old generation is never told to stop");
+    for pid in old {
+        assert_eq!(s.state(pid), State::Ready);
+    }
+}
+
+#[test]
+fn a_probe_that_gives_no_verdict_is_cut_short_by_its_budget() {
+    let mut s = Sim::running(probed(1));
+    s.reload(Some(C1));
+    let new = s.pid(2, 0);
+    s.step(Event::WorkerReady { pid: new });
+    s.advance(3 * SEC);
+    let a = s.step(Event::Tick);
+    assert_eq!(killed(&a), vec![new]);
+    let r = replies(&a);
+    assert!(r[0].2.contains("its probe gave no verdict in time"), "{}", r[0].2);
+}
+
+#[test]
+fn a_serving_worker_that_fails_its_periodic_probe_is_replaced() {
+    let mut s = Sim::running(probed(2));
+    let pid = s.pid(1, 1);
+    let a = s.step(Event::ProbeFailed {
+        pid,
+        reason: "probe GET /healthz: no answer within 1s".into(),
+    });
+    assert_eq!(signalled(&a), vec![pid]);
+    assert!(logged(&a, "worker failed its health probe; replacing it"));
+    s.advance(SEC);
+    let a = s.step(Event::Tick);
+    assert_eq!(spawns(&a), vec![(1, 1)]);
+    // A verdict about a worker that is stopping changes nothing.
+    assert!(signalled(&s.step(Event::ProbeFailed {
+        pid,
+        reason: "x".into()
+    }))
+    .is_empty());
+}
+
+// ---- rolling reloads ---------------------------------------------------------------------
+
+#[test]
+fn a_rolling_reload_replaces_one_slot_at_a_time() {
+    let mut s = Sim::running(params(3));
+    let old: Vec<Pid> = (0..3).map(|i| s.pid(1, i)).collect();
+    s.next = Ok(rolling(3, 1));
+    let a = s.reload(Some(C1));
+    assert_eq!(spawns(&a), vec![(2, 0)], "one new worker at a time");
+    for (slot, &o) in old.iter().enumerate() {
+        let new = s.pid(2, slot);
+        let a = s.step(Event::WorkerReady { pid: new });
+        assert_eq!(signalled(&a), vec![o], "slot {slot}'s old worker is stopped");
+        if slot < 2 {
+            assert_eq!(spawns(&a), vec![(2, slot + 1)]);
+            assert!(progress(&a, C1).contains(&format!("slot {} of 3 replaced (slot {slot})", slot + 1)));
+            assert_eq!(s.g.generation(), 1);
+        } else {
+            assert_eq!(s.g.generation(), 2);
+            assert!(replies(&a)[0].1);
+        }
+        // Never fewer than 3 ready workers, never more than 4 alive and not stopping.
+        let live =
+            s.g.workers()
+                .iter()
+                .filter(|w| matches!(w.state, State::Ready | State::Starting { .. }))
+                .count();
+        assert!(live <= 4);
+    }
+}
+
+#[test]
+fn a_rolling_reload_with_surge_starts_that_many_at_once_and_may_change_the_count() {
+    let mut s = Sim::running(params(3));
+    s.next = Ok(rolling(4, 2));
+    let a = s.reload(Some(C1));
+    assert_eq!(spawns(&a), vec![(2, 0), (2, 1)]);
+    let a = s.step(Event::WorkerReady { pid: s.pid(2, 1) });
+    assert_eq!(signalled(&a), vec![s.pid(1, 1)]);
+    assert_eq!(spawns(&a), vec![(2, 2)]);
+    s.step(Event::WorkerReady { pid: s.pid(2, 0) });
+    s.step(Event::WorkerReady { pid: s.pid(2, 2) });
+    // Slot 3 has no old worker.
+    let a = s.step(Event::WorkerReady { pid: s.pid(2, 3) });
+    assert!(signalled(&a).is_empty());
+    assert_eq!(s.g.generation(), 2);
+}
+
+#[test]
+fn a_failed_rolling_reload_rolls_the_replaced_slots_back_before_its_verdict() {
+    let mut s = Sim::running(params(4));
+    s.next = Ok(rolling(4, 1));
+    s.reload(Some(C1));
+    let n0 = s.pid(2, 0);
+    s.step(Event::WorkerReady { pid: n0 });
+    let n1 = s.pid(2, 1);
+    s.step(Event::WorkerReady { pid: n1 });
+    // Slot 2's new worker fails: slots 0 and 1 were replaced.
+    let n2 = s.pid(2, 2);
+    let a = s.exit(n2, FAIL);
+    assert!(replies(&a).is_empty(), "no verdict before the roll-back");
+    assert_eq!(spawns(&a), vec![(1, 0)], "slot 0 goes back to generation 1 first");
+    assert!(progress(&a, C1).iter().any(|m| m.contains("rolling back 2 slots")));
+    let b0 = s.pid(1, 0);
+    let a = s.step(Event::WorkerReady { pid: b0 });
+    assert_eq!(
+        signalled(&a),
+        vec![n0],
+        "the new worker of slot 0 is stopped once the old one serves"
+    );
+    assert_eq!(spawns(&a), vec![(1, 1)]);
+    let b1 = s.pid(1, 1);
+    let a = s.step(Event::WorkerReady { pid: b1 });
+    assert_eq!(signalled(&a), vec![n1]);
+    let r = replies(&a);
+    assert_eq!(r.len(), 1);
+    assert!(
+        r[0].2
+            .starts_with("reload failed: rolled back after slot 2 of 4: worker pid"),
+        "{}",
+        r[0].2
+    );
+    assert!(r[0].2.ends_with("generation 1 keeps serving"), "{}", r[0].2);
+    assert!(a.contains(&Action::DiscardReload {
+        generation: 2,
+        failed: true
+    }));
+    assert_eq!(s.g.generation(), 1);
+    assert!(s.g.reloading().is_none());
+}
+
+#[test]
+fn a_rollback_worker_that_fails_leaves_the_new_one_serving_until_its_slot_restarts() {
+    let mut s = Sim::running(params(2));
+    s.next = Ok(rolling(2, 1));
+    s.reload(Some(C1));
+    let n0 = s.pid(2, 0);
+    s.step(Event::WorkerReady { pid: n0 });
+    s.exit(s.pid(2, 1), FAIL);
+    let b0 = s.pid(1, 0);
+    let a = s.exit(b0, FAIL);
+    // The roll-back is over as far as it goes: the verdict, and slot 0 restarts with back-off.
+    assert!(replies(&a)[0].2.contains("rolled back after slot 1 of 2"));
+    assert_eq!(s.state(n0), State::Ready, "the new worker still serves slot 0");
+    s.advance(SEC);
+    let a = s.step(Event::Tick);
+    assert_eq!(spawns(&a), vec![(1, 0)]);
+    let a = s.step(Event::WorkerReady { pid: s.pid(1, 0) });
+    assert_eq!(signalled(&a), vec![n0]);
+}
+
+#[test]
+fn a_crash_restart_due_in_a_replaced_slot_is_not_spawned() {
+    let mut s = Sim::running(params(2));
+    let o0 = s.pid(1, 0);
+    s.exit(o0, FAIL); // slot 0 restarts in 100 ms
+    s.next = Ok(rolling(2, 1));
+    s.reload(Some(C1));
+    s.step(Event::WorkerReady { pid: s.pid(2, 0) });
+    s.advance(SEC);
+    let a = s.step(Event::Tick);
+    assert!(spawns(&a).iter().all(|&(g, _)| g == 2), "{:?}", spawns(&a));
+}
+
+// ---- the watch after a cut-over ----------------------------------------------------------
+
+#[test]
+fn a_new_generation_that_dies_within_stable_after_is_reported_and_the_old_one_is_not_killed() {
+    let p = Params {
+        stable_after: 5 * SEC,
+        ..params(1)
+    };
+    let mut s = Sim::running(p.clone());
+    let old = s.pid(1, 0);
+    s.next = Ok(p);
+    s.reload(None);
+    let new = s.pid(2, 0);
+    s.step(Event::WorkerReady { pid: new });
+    assert!(matches!(s.state(old), State::Stopping { .. }));
+    s.advance(SEC);
+    let a = s.exit(new, FAIL);
+    assert!(logged(&a, "generation 2 stopped serving within 5s of its cut-over"));
+    assert!(logged(&a, "generation 1 is kept draining until one serves"));
+    assert!(s.g.unstable().is_some());
+    // Past the old worker's stop timeout: not killed while no new worker serves.
+    s.advance(10 * SEC);
+    let a = s.step(Event::Tick);
+    assert!(killed(&a).is_empty());
+    assert!(matches!(s.state(old), State::Stopping { .. }));
+    // The restarted worker serves: the kill that was due goes out.
+    let restarted = s.pid(2, 0);
+    assert_ne!(restarted, new);
+    let a = s.step(Event::WorkerReady { pid: restarted });
+    assert_eq!(killed(&a), vec![old]);
+}
+
+#[test]
+fn a_death_after_stable_after_is_an_ordinary_crash() {
+    let p = Params {
+        stable_after: 5 * SEC,
+        ..params(1)
+    };
+    let mut s = Sim::running(p.clone());
+    s.next = Ok(p);
+    s.reload(None);
+    let new = s.pid(2, 0);
+    s.step(Event::WorkerReady { pid: new });
+    s.advance(6 * SEC);
+    let a = s.exit(new, FAIL);
+    assert!(!logged(&a, "stopped serving"));
+    assert!(s.g.unstable().is_none());
 }

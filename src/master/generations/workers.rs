@@ -19,12 +19,20 @@ impl Generations {
     /// Start every worker of a generation, one slot after the other (the next once the loop
     /// reported the previous one spawned); the first that cannot be started fails it.
     pub(super) fn spawn_generation(&mut self, params: &Params, generation: u64) {
-        // Workers may take up to start_timeout to be ready: let systemd wait that long too.
-        let extend = params.start_timeout.saturating_add(Duration::from_secs(5));
-        self.tell_systemd(Systemd::ExtendTimeout(extend));
+        self.extend_timeout(params);
         if params.count > 0 {
             self.spawn(generation, 0, SpawnFor::Generation { count: params.count });
         }
+    }
+
+    /// Workers may take up to start_timeout (and their probe) to be ready: let systemd wait
+    /// that long too.
+    pub(super) fn extend_timeout(&mut self, params: &Params) {
+        let extend = params
+            .start_timeout
+            .saturating_add(params.probe.unwrap_or_default())
+            .saturating_add(Duration::from_secs(5));
+        self.tell_systemd(Systemd::ExtendTimeout(extend));
     }
 
     pub(super) fn spawn(&mut self, generation: u64, slot: usize, why: SpawnFor) {
@@ -40,10 +48,11 @@ impl Generations {
         Some(self.spawning.remove(i).2)
     }
 
-    /// The generation is still wanted as a whole: the first one starting, or the reload's.
+    /// The generation is still wanted as a whole: the first one starting, or the reload's
+    /// (unless that is being rolled back).
     pub(super) fn is_starting_generation(&self, generation: u64) -> bool {
         match &self.reload {
-            Some(r) if r.generation == generation => true,
+            Some(r) if r.generation == generation => r.roll.as_ref().is_none_or(|roll| roll.back.is_none()),
             _ => self.phase == Phase::Starting && generation == self.generation,
         }
     }
@@ -71,6 +80,7 @@ impl Generations {
             state: State::Starting {
                 deadline: clock::after(now, p.start_timeout),
                 ready_at,
+                probe: p.probe,
             },
             started: now,
             stop_signal: p.stop_signal,
@@ -80,8 +90,8 @@ impl Generations {
         });
         // Wanted no more by the time it exists (the master is stopping, or its generation was
         // replaced or failed meanwhile): it is asked to stop at once, never left unsupervised.
-        let wanted =
-            self.phase != Phase::Stopping && (generation == self.generation || self.is_starting_generation(generation));
+        let wanted = self.phase != Phase::Stopping
+            && ((generation == self.generation && !self.slot_taken(slot)) || self.is_starting_generation(generation));
         if !wanted {
             let i = self.workers.len() - 1;
             self.feed(now, i, WorkerEvent::Stop(now));
@@ -98,11 +108,17 @@ impl Generations {
         let why = self.take_spawning(generation, slot);
         self.log(Level::Error, reason.clone(), vec![("generation", Kv::U64(generation))]);
         match why {
-            Some(SpawnFor::Generation { .. }) => self.generation_failed(now, generation, slot, reason, vec![]),
+            Some(SpawnFor::Generation { .. } | SpawnFor::Roll) => {
+                self.generation_failed(now, generation, slot, reason, vec![])
+            }
+            Some(SpawnFor::RollBack) if generation == self.generation && self.phase != Phase::Stopping => {
+                self.schedule_restart(now, slot, Duration::ZERO);
+                self.rollback_slot_done(slot);
+            }
             Some(SpawnFor::Restart) if generation == self.generation && self.phase != Phase::Stopping => {
                 self.schedule_restart(now, slot, Duration::ZERO)
             }
-            Some(SpawnFor::Restart) | None => {}
+            Some(SpawnFor::Restart | SpawnFor::RollBack) | None => {}
         }
     }
 
@@ -120,6 +136,23 @@ impl Generations {
                     signal: w.stop_signal,
                 }),
                 Effect::KillGroup => self.out.push(Action::KillGroup { pid }),
+                Effect::StartProbe => {
+                    self.log(
+                        Level::Debug,
+                        "worker ready by its own account; probing it".into(),
+                        vec![("generation", Kv::U64(generation)), ("pid", pid_kv(pid))],
+                    );
+                    self.out.push(Action::Probe { pid });
+                }
+                Effect::ProbeFailed { timed_out } => {
+                    let tail = escaped(&w.tail);
+                    let verdict = self.probe_verdict.take();
+                    let reason = match verdict {
+                        Some(r) if !timed_out => r,
+                        _ => format!("worker pid {pid}: its probe gave no verdict in time"),
+                    };
+                    self.generation_failed(now, generation, slot, reason, tail);
+                }
                 Effect::BecameReady => {
                     let lived = now.saturating_duration_since(w.started);
                     self.log(
@@ -139,7 +172,14 @@ impl Generations {
                             );
                         }
                     }
+                    if generation == self.generation {
+                        self.stop_superseded(now, slot);
+                        self.rollback_slot_done(slot);
+                    } else if self.rolling_forward(generation) {
+                        self.replace_slot(now, slot);
+                    }
                 }
+
                 Effect::StartTimedOut => {
                     let tail = escaped(&w.tail);
                     let reason = format!(
@@ -204,6 +244,8 @@ impl Generations {
         if generation != self.generation || self.phase == Phase::Stopping {
             return self.log(Level::Info, "worker exited".into(), kv(status));
         }
+        self.rollback_slot_done(slot);
+        self.watch_after_death(now, generation);
         let restart = match self.params.restart {
             Restart::Always => true,
             Restart::OnFailure => !status.success(),
@@ -288,6 +330,7 @@ impl Generations {
                 // A restarted worker that never became ready: a crash like any other.
                 self.log(Level::Warn, reason, vec![("generation", Kv::U64(generation))]);
                 self.schedule_restart(now, slot, Duration::ZERO);
+                self.rollback_slot_done(slot);
             }
             _ => {}
         }
@@ -295,7 +338,11 @@ impl Generations {
 
     /// Workers' deadlines that are due: start timeouts, delayed readiness, stop timeouts.
     pub(super) fn tick(&mut self, now: Instant) {
+        let holding = self.holding();
         for i in 0..self.workers.len() {
+            if holding && self.held(&self.workers[i]) {
+                continue;
+            }
             if self.workers[i].state.deadline().is_some_and(|d| d <= now) {
                 self.feed(now, i, WorkerEvent::Tick(now));
             }
@@ -312,6 +359,9 @@ impl Generations {
             .collect();
         for slot in due {
             self.slots[slot].restart_at = None;
+            if self.slot_taken(slot) {
+                continue;
+            }
             self.slots[slot].restarts += 1;
             self.spawn(self.generation, slot, SpawnFor::Restart);
         }
@@ -387,6 +437,121 @@ impl Generations {
             self.start_reported = true;
             self.out.push(Action::StartFailed { reason, tail });
         }
+    }
+}
+
+impl Generations {
+    /// A probe's verdict against a worker: a cut-over probe that failed fails its generation
+    /// like a missed readiness; a serving worker that missed its periodic probes is replaced.
+    pub(super) fn probe_failed(&mut self, now: Instant, pid: Pid, reason: String) {
+        let Some(i) = self.index(pid) else { return };
+        match self.workers[i].state {
+            State::Probing { .. } => {
+                self.probe_verdict = Some(reason);
+                self.feed(now, i, WorkerEvent::ProbeFailed);
+                self.probe_verdict = None;
+            }
+            State::Ready if self.workers[i].generation == self.generation && self.phase == Phase::Running => {
+                let w = &self.workers[i];
+                let (slot, lived) = (w.slot, now.saturating_duration_since(w.started));
+                self.log(
+                    Level::Warn,
+                    format!("worker failed its health probe; replacing it: {reason}"),
+                    vec![("generation", Kv::U64(self.generation)), ("pid", pid_kv(pid))],
+                );
+                self.feed(now, i, WorkerEvent::Stop(now));
+                if !self.slot_taken(slot) {
+                    self.schedule_restart(now, slot, lived);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A serving-generation worker of `slot` is ready: a worker of a generation that never
+    /// committed still in that slot (a rolled-back one) has its replacement and is stopped.
+    pub(super) fn stop_superseded(&mut self, now: Instant, slot: usize) {
+        let forward = self
+            .reload
+            .as_ref()
+            .filter(|r| r.roll.as_ref().is_none_or(|x| x.back.is_none()));
+        let keep = forward.map(|r| r.generation);
+        for i in 0..self.workers.len() {
+            let w = &self.workers[i];
+            if w.slot == slot
+                && w.generation > self.generation
+                && Some(w.generation) != keep
+                && matches!(w.state, State::Starting { .. } | State::Probing { .. } | State::Ready)
+            {
+                self.log(
+                    Level::Info,
+                    "rolled back: stopping the new worker of this slot".into(),
+                    vec![
+                        ("slot", Kv::U64(slot as u64)),
+                        ("generation", Kv::U64(w.generation)),
+                        ("pid", pid_kv(w.pid)),
+                    ],
+                );
+                self.feed(now, i, WorkerEvent::Stop(now));
+            }
+        }
+    }
+
+    /// Old generations' kills are held back: the serving generation stopped serving within
+    /// `stable_after` of its cut-over and none of its workers is ready again yet.
+    pub(super) fn holding(&self) -> bool {
+        self.unstable.is_some()
+            && self.phase == Phase::Running
+            && !self
+                .workers
+                .iter()
+                .any(|w| w.generation == self.generation && w.state == State::Ready)
+    }
+
+    /// A draining worker of an older generation, whose kill `holding` holds back.
+    pub(super) fn held(&self, w: &Worker) -> bool {
+        w.generation < self.generation && matches!(w.state, State::Stopping { .. })
+    }
+
+    /// A serving-generation worker died: if that was within `stable_after` of the cut-over and
+    /// no worker of the generation serves now, say so loudly and hold the old ones' kills.
+    pub(super) fn watch_after_death(&mut self, now: Instant, generation: u64) {
+        let Some(watch) = self.watch else { return };
+        if watch.generation != generation || now >= watch.until || self.unstable.is_some() {
+            return;
+        }
+        let serving = self
+            .workers
+            .iter()
+            .any(|w| w.generation == generation && w.state == State::Ready);
+        if serving {
+            return;
+        }
+        let draining: Vec<u64> = {
+            let mut g: Vec<u64> = self
+                .workers
+                .iter()
+                .filter(|w| self.held(w))
+                .map(|w| w.generation)
+                .collect();
+            g.dedup();
+            g
+        };
+        let kept = match draining.as_slice() {
+            [] => String::new(),
+            [g] => format!("; generation {g} is kept draining until one serves"),
+            gs => format!(
+                "; generations {} are kept draining until one serves",
+                gs.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        let message = format!(
+            "generation {generation} stopped serving within {} of its cut-over: no worker of it is ready{kept}",
+            humantime::format_duration(self.params.stable_after)
+        );
+        self.log(Level::Error, message.clone(), vec![("generation", Kv::U64(generation))]);
+        self.tell_systemd(Systemd::Status(message.clone()));
+        self.unstable = Some(message);
     }
 }
 
