@@ -24,6 +24,8 @@ fn smallest_file_gets_defaults() {
     assert_eq!(c.worker.stop_timeout, Duration::from_secs(30));
     assert_eq!(c.worker.stop_signal, Signal::SIGTERM);
     assert_eq!(c.worker.restart, Restart::Always);
+    assert_eq!(c.worker.reload, ReloadMode::AllAtOnce);
+    assert_eq!(c.worker.stable_after, Duration::from_secs(5));
     assert_eq!(c.master.log, LogTarget::Stderr);
     assert_eq!(c.master.max_draining, 2);
     assert_eq!(c.listen[0].backlog, nix::libc::SOMAXCONN);
@@ -52,6 +54,9 @@ start_timeout = "1m30s"
 stop_signal = "QUIT"
 stop_timeout = "5s"
 restart = "on-failure"
+reload = "rolling"
+max_surge = 2
+stable_after = "10s"
 umask = "0027"
 compat = ["einhorn", "server_starter"]
 [rlimits]
@@ -85,6 +90,8 @@ fn every_key_is_read() {
     assert_eq!(c.worker.start_timeout, Duration::from_secs(90));
     assert_eq!(c.worker.stop_signal, Signal::SIGQUIT);
     assert_eq!(c.worker.restart, Restart::OnFailure);
+    assert_eq!(c.worker.reload, ReloadMode::Rolling { max_surge: 2 });
+    assert_eq!(c.worker.stable_after, Duration::from_secs(10));
     assert_eq!(c.worker.umask, Some(0o027));
     assert_eq!(c.worker.compat, vec![Compat::Einhorn, Compat::ServerStarter]);
     assert_eq!(c.worker.credentials.as_ref().unwrap().uid, Uid::from_raw(0));
@@ -96,6 +103,19 @@ fn every_key_is_read() {
     assert_eq!(c.listen[1].addr, ListenAddr::Unix("/etc/zdd/admin.sock".into()));
     assert_eq!(c.listen[1].mode, Some(0o660));
     assert_eq!(c.listen[2].addr, ListenAddr::Abstract("zdd-test".into()));
+}
+
+#[test]
+fn a_rolling_reload_replaces_one_slot_at_a_time_by_default() {
+    let c = p(&MIN.replace("[[listen]]", "reload = \"rolling\"\n[[listen]]")).unwrap();
+    assert_eq!(c.worker.reload, ReloadMode::Rolling { max_surge: 1 });
+    let c = p(&MIN.replace("[[listen]]", "stable_after = \"0s\"\n[[listen]]")).unwrap();
+    assert_eq!(c.worker.stable_after, Duration::ZERO);
+    let e = err(&MIN.replace("[[listen]]", "max_surge = 1\n[[listen]]"));
+    assert!(
+        e.contains("worker.max_surge: only used with reload = \"rolling\""),
+        "{e}"
+    );
 }
 
 #[test]
@@ -129,6 +149,10 @@ fn bad_values_are_rejected_with_key() {
         ("user = \"no-such-user-zdd\"", "worker.user", "3:8"),
         ("compat = [\"inetd\"]", "worker.compat", "3:11"),
         ("ready_delay = \"1s\"", "worker.ready_delay", "3:15"),
+        ("reload = \"blue-green\"", "worker.reload", "3:10"),
+        ("max_surge = 2", "worker.max_surge", "3:13"),
+        ("reload = \"rolling\"\nmax_surge = 0", "worker.max_surge", "4:13"),
+        ("stable_after = \"2d\"", "worker.stable_after", "3:16"),
     ];
     for (line, key, pos) in cases {
         let e = err(&format!("[worker]\ncommand = [\"/bin/true\"]\n{line}\n"));

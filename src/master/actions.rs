@@ -128,6 +128,7 @@ impl Master {
             listeners: &listeners,
             notify_socket: self.notify.path(),
             generation,
+            slot,
             rlimits: &rlimits,
             cgroup: cgroup.as_ref(),
         };

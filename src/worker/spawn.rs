@@ -74,6 +74,8 @@ pub struct SpawnSpec<'a> {
     pub listeners: &'a [std::rc::Rc<Listener>],
     pub notify_socket: &'a Path,
     pub generation: u64,
+    /// The worker's position in its generation (0..count), exported as `ZDD_SLOT`.
+    pub slot: usize,
     pub rlimits: &'a [crate::config::Rlimit],
     /// The cgroup the child joins before exec, if the master has one for it.
     pub cgroup: Option<&'a crate::worker::cgroup::WorkerCgroup>,
@@ -98,7 +100,12 @@ const STEP_CGROUP: u8 = 10;
 /// Variables a worker never inherits from the master's own environment.
 fn inherited_is_removed(key: &OsStr) -> bool {
     let k = key.as_bytes();
-    k.starts_with(b"LISTEN_") || k == b"NOTIFY_SOCKET" || k.starts_with(b"WATCHDOG_")
+    // zdd's own, when the master itself runs under a zdd: the worker gets this master's.
+    k.starts_with(b"LISTEN_")
+        || k == b"NOTIFY_SOCKET"
+        || k.starts_with(b"WATCHDOG_")
+        || k == b"ZDD_GENERATION"
+        || k == b"ZDD_SLOT"
 }
 
 /// Resolve the program like execvp would, but in the master, before fork.
@@ -134,6 +141,7 @@ fn build_env(spec: &SpawnSpec<'_>) -> (Vec<Vec<u8>>, Option<usize>) {
         env.push(format!("{k}={v}").into_bytes());
     }
     env.push(format!("ZDD_GENERATION={}", spec.generation).into_bytes());
+    env.push(format!("ZDD_SLOT={}", spec.slot).into_bytes());
     let mut notify = b"NOTIFY_SOCKET=".to_vec();
     notify.extend_from_slice(spec.notify_socket.as_os_str().as_bytes());
     env.push(notify);

@@ -1,0 +1,170 @@
+//! Trustworthy cut-over through the real binary: rolling reloads (slot by slot, rolled back on
+//! failure) and the watch after a cut-over (`stable_after`), under load.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn config(port: u16, args: &[&str], worker_extra: &str) -> String {
+    format!(
+        "[worker]\ncommand = {}\ncount = 4\nstop_timeout = \"10s\"\n{worker_extra}\n\n\
+         [[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n",
+        toml_list(&[&["{fixture}"], args].concat())
+    )
+}
+
+const ROLLING: &str = "reload = \"rolling\"\nmax_surge = 1";
+
+/// Workers of `status` that serve or are about to: neither stopping nor gone.
+fn live(s: &serde_json::Value) -> Vec<(u64, u64, i64)> {
+    s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| matches!(w["state"].as_str(), Some("starting" | "probing" | "ready")))
+        .map(|w| {
+            (
+                w["generation"].as_u64().unwrap(),
+                w["slot"].as_u64().unwrap(),
+                w["pid"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_rolling_reload_replaces_the_slots_one_at_a_time_under_load() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&config(port, &["--ready-after", "150", "--serve"], ROLLING));
+    z.wait_ready();
+    let load = Load::start(format!("127.0.0.1:{port}").parse().unwrap(), 2);
+    let mut reload = z
+        .command(&["reload"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While it rolls, never more than count + max_surge workers that serve or start.
+    let mut most = 0;
+    let done = loop {
+        if let Some(st) = reload.try_wait().unwrap() {
+            break st;
+        }
+        let o = zdd(&z, &["status", "--json"]);
+        if let Ok(s) = serde_json::from_str::<serde_json::Value>(&stdout(&o)) {
+            most = most.max(live(&s).len());
+        }
+    };
+    let out = reload.wait_with_output().unwrap();
+    assert!(done.success(), "{}", stdout(&out));
+    assert!(most <= 5, "{most} workers alive at once");
+    let replaced = z.records_with("slot replaced");
+    let order: Vec<u64> = replaced.iter().map(|r| r["slot"].as_u64().unwrap()).collect();
+    assert_eq!(order, vec![0, 1, 2, 3]);
+    let text = stdout(&out);
+    assert!(text.contains("slot 4 of 4 replaced"), "{text}");
+    assert!(text.contains("reloaded: generation 2 serving (4 workers)"), "{text}");
+    let s = status(&z);
+    let gens: BTreeSet<u64> = live(&s).iter().map(|w| w.0).collect();
+    assert_eq!(gens, BTreeSet::from([2]));
+    let r = load.finish();
+    eprintln!("{} requests, 0 failed, max {most} live workers", r.requests);
+    z.stop();
+}
+
+#[test]
+fn a_rolling_reload_whose_third_slot_fails_rolls_back_the_first_two_under_load() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&config(port, &["--ready", "--serve"], ROLLING));
+    z.wait_ready();
+    let before: BTreeSet<i64> = live(&status(&z)).iter().map(|w| w.2).collect();
+    let load = Load::start(format!("127.0.0.1:{port}").parse().unwrap(), 2);
+    z.write_config(&config(port, &["--ready", "--serve", "--fail-slot", "2"], ROLLING));
+    let o = zdd(&z, &["reload"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("reload failed: rolled back after slot 2 of 4: worker pid")
+            && err.contains("exited with status 1 during start-up")
+            && err.contains("generation 1 keeps serving"),
+        "{err}"
+    );
+    assert!(
+        err.contains("failing in slot 2"),
+        "the failed worker's last lines: {err}"
+    );
+    // Slots 0 and 1 serve from generation 1 again (new workers), 2 and 3 never changed.
+    let s = status(&z);
+    let after = live(&s);
+    assert_eq!(s["generation"], 1);
+    assert_eq!(after.len(), 4, "{s}");
+    assert!(after.iter().all(|w| w.0 == 1), "{s}");
+    let kept: BTreeSet<i64> = after.iter().filter(|w| w.1 >= 2).map(|w| w.2).collect();
+    assert!(kept.is_subset(&before), "slots 2 and 3 were never touched: {s}");
+    let fresh = after.iter().filter(|w| w.1 < 2 && !before.contains(&w.2)).count();
+    assert_eq!(
+        fresh, 2,
+        "slots 0 and 1 were rolled back to new generation-1 workers: {s}"
+    );
+    // Every generation-2 worker is gone.
+    wait_for("generation 2 gone", DEADLINE, || {
+        let s = status(&z);
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["generation"] == 1)
+            .then_some(())
+    });
+    let r = load.finish();
+    eprintln!("{} requests, 0 failed", r.requests);
+    z.stop();
+}
+
+#[test]
+fn a_new_generation_that_stops_serving_right_after_its_cut_over_keeps_the_old_one_draining() {
+    let port = free_port();
+    let once = "{dir}/ready-once";
+    let mut z = Zdd::spawn(&format!(
+        "[worker]\ncommand = {}\nstop_timeout = \"1s\"\nstable_after = \"60s\"\n\n\
+         [[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n",
+        toml_list(&["{fixture}", "--ready", "--ignore-term"])
+    ));
+    z.wait_ready();
+    let old = live(&status(&z))[0].2;
+    // The new release is ready once, dies 300 ms later, and its restarts are never ready.
+    z.write_config(&format!(
+        "[worker]\ncommand = {}\nstop_timeout = \"1s\"\nstable_after = \"60s\"\n\n\
+         [[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n",
+        toml_list(&["{fixture}", "--ready-once", once, "--exit-after", "300", "1"])
+    ));
+    let o = zdd(&z, &["reload"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let since = Instant::now();
+    let m = z.wait_msg_containing("stopped serving within 1m of its cut-over");
+    assert!(
+        m["msg"]
+            .as_str()
+            .unwrap()
+            .contains("generation 1 is kept draining until one serves"),
+        "{m}"
+    );
+    // Well past the old worker's stop timeout (1 s): three crash restarts of the new one.
+    z.wait_msg_n("worker exited unexpectedly; restarting", 3);
+    assert!(since.elapsed() > Duration::from_secs(1));
+    assert!(
+        alive(old as i32),
+        "the old worker was killed although no new one serves"
+    );
+    let s = status(&z);
+    assert!(
+        s["unstable"].as_str().unwrap().contains("generation 2 stopped serving"),
+        "{s}"
+    );
+    let text = stdout(&zdd(&z, &["status"]));
+    assert!(text.contains("UNSTABLE generation 2 stopped serving"), "{text}");
+    z.stop();
+    assert!(!alive(old as i32));
+}
