@@ -168,3 +168,118 @@ fn a_new_generation_that_stops_serving_right_after_its_cut_over_keeps_the_old_on
     z.stop();
     assert!(!alive(old as i32));
 }
+
+/// HTTP clients, a new connection per request, until [`HttpLoad::finish`]: every answer must
+/// be a 200.
+struct HttpLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    clients: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl HttpLoad {
+    fn start(port: u16, clients: usize) -> HttpLoad {
+        use std::io::{Read, Write};
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients = (0..clients)
+            .map(|_| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let (mut n, mut failed) = (0u64, Vec::new());
+                    let start = Instant::now();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) && start.elapsed() < DEADLINE * 4 {
+                        let answer = (|| -> std::io::Result<String> {
+                            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+                            s.write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+                            let mut out = String::new();
+                            s.read_to_string(&mut out)?;
+                            Ok(out)
+                        })();
+                        match answer {
+                            Ok(a) if a.starts_with("HTTP/1.") && a.contains(" 200 ") => {}
+                            Ok(a) => failed.push(format!("{:?}: {a:?}", start.elapsed())),
+                            Err(e) => failed.push(format!("{:?}: {e}", start.elapsed())),
+                        }
+                        n += 1;
+                    }
+                    (n, failed)
+                })
+            })
+            .collect();
+        HttpLoad { stop, clients }
+    }
+
+    fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (mut n, mut failed) = (0, Vec::new());
+        for c in self.clients {
+            let (k, f) = c.join().unwrap();
+            n += k;
+            failed.extend(f);
+        }
+        assert!(
+            failed.is_empty(),
+            "{} of {n} requests failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        n
+    }
+}
+
+fn have_gunicorn() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import gunicorn"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "gunicorn is missing in CI (.ci/install-deps installs it)"
+        );
+        eprintln!("SKIP: python3 -m gunicorn not importable (pip install gunicorn)");
+    }
+    ok
+}
+
+fn gunicorn_rolling(port: u16, env: &str) -> String {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    format!(
+        "[worker]\ncommand = [\"python3\", \"-m\", \"gunicorn\", \"--workers\", \"1\", \"--preload\", \"--chdir\", \"{fixtures}\", \"wsgi_slot_app:app\"]\n\
+         count = 3\nreload = \"rolling\"\nstart_timeout = \"60s\"\nstop_timeout = \"20s\"\n{env}\n\n\
+         [[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n"
+    )
+}
+
+#[test]
+fn gunicorn_rolling_reload_rolls_back_a_release_broken_in_one_slot_under_load() {
+    if !have_gunicorn() {
+        return;
+    }
+    let port = free_port();
+    let mut z = Zdd::spawn(&gunicorn_rolling(port, ""));
+    z.wait_ready();
+    let load = HttpLoad::start(port, 2);
+    z.write_config(&gunicorn_rolling(port, "env = { FAIL_IN_SLOT = \"1\" }"));
+    let o = zdd(&z, &["reload"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("reload failed: rolled back after slot 1 of 3: worker pid"),
+        "{err}"
+    );
+    assert!(err.contains("broken release in slot 1"), "{err}");
+    assert!(err.contains("generation 1 keeps serving"), "{err}");
+    let s = status(&z);
+    assert_eq!(s["generation"], 1);
+    let gens: Vec<u64> = live(&s).iter().map(|w| w.0).collect();
+    assert_eq!(gens, vec![1, 1, 1], "{s}");
+    // A good release then rolls through.
+    z.write_config(&gunicorn_rolling(port, ""));
+    let o = zdd(&z, &["reload"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("slot 3 of 3 replaced"), "{}", stdout(&o));
+    let n = load.finish();
+    eprintln!("{n} requests, 0 failed");
+    z.stop();
+}
