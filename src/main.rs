@@ -104,6 +104,29 @@ fn load_master(cli: &Cli) -> Result<config::MasterConfig, CliError> {
     config::load_master(&cli.config).map_err(|e| fail(2, e))
 }
 
+/// A reload re-reads the master's own config file: refuse one asked with another file (that
+/// names the same control socket) instead of validating one file and reloading another.
+fn same_config_as_the_master(c: &config::Config) -> Result<(), CliError> {
+    let o = judged(client::call(&c.master, &Request::Status {}, QUICK, |_| {})?)?;
+    let Some(theirs) = o.data["config"].as_str() else {
+        return Ok(());
+    };
+    let ours = std::fs::canonicalize(&c.path).unwrap_or_else(|_| c.path.clone());
+    let theirs_canonical = std::fs::canonicalize(theirs).unwrap_or_else(|_| theirs.into());
+    if theirs_canonical == ours {
+        return Ok(());
+    }
+    Err(fail(
+        2,
+        format!(
+            "this master runs {theirs}, not {}: a reload re-reads the master's own file; edit that one, \
+             or stop this master and start one with {}",
+            ours.display(),
+            ours.display()
+        ),
+    ))
+}
+
 fn run(cli: Cli) -> Result<u8, CliError> {
     match &cli.command {
         Command::Check => {
@@ -125,6 +148,7 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             // What the master will check itself: the worker's settings, not the [master] ones,
             // which a reload does not apply.
             let c = config::load_with(&cli.config, config::Checks::Reload).map_err(|e| fail(2, e))?;
+            same_config_as_the_master(&c)?;
             let req = Request::Reload {
                 if_generation: *if_generation,
             };

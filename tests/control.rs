@@ -426,3 +426,34 @@ fn completions_and_man_page() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn reload_with_another_config_file_than_the_masters_is_refused() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&daemon_config(port, &["--ready", "--serve"], ""));
+    z.wait_ready();
+    // Another file that names the same control socket: the master would re-read its own file.
+    let other = z.path("other.toml");
+    std::fs::copy(&z.config, &other).unwrap();
+    let reload = |config: &std::path::Path| {
+        std::process::Command::new(zdd_bin())
+            .args(["reload", "-c"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let o = reload(&other);
+    assert_eq!(o.status.code(), Some(2), "{}{}", stdout(&o), stderr(&o));
+    let err = stderr(&o);
+    let ours = z.config.canonicalize().unwrap();
+    assert!(
+        err.contains(&format!("this master runs {}", ours.display())) && err.contains("other.toml"),
+        "{err}"
+    );
+    assert!(z.records_with("reloading").is_empty(), "the master reloaded anyway");
+    // Its own file, named another way (relative, through a symlink), is the same file.
+    std::os::unix::fs::symlink(&z.config, z.path("link.toml")).unwrap();
+    let o = reload(&z.path("link.toml"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    z.stop();
+}

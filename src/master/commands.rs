@@ -152,7 +152,8 @@ impl Master {
             .collect();
         json!({
             "pid": std::process::id(),
-            "config": self.config.path.display().to_string(),
+            // Absolute, as the master resolves it (a relative path means nothing to a client).
+            "config": std::fs::canonicalize(&self.config.path).unwrap_or_else(|_| self.config.path.clone()).display().to_string(),
             "started": unix(self.started_wall),
             "uptime_secs": self.started_at.elapsed().as_secs(),
             "phase": self.gens.phase().name(),
