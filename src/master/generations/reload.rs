@@ -315,14 +315,22 @@ impl Generations {
         };
         let generation = *generation;
         let replaced = roll.replaced.clone();
+        // A slot the serving generation does not have (the new config has more) has nothing
+        // to give back: its new worker is stopped instead.
+        let serving_slots = self.slots.len();
         roll.back = Some(RollBack {
-            queue: replaced.iter().copied().collect(),
+            queue: replaced.iter().copied().filter(|&s| s < serving_slots).collect(),
             in_flight: Vec::new(),
         });
         for i in 0..self.workers.len() {
             let w = &self.workers[i];
-            if w.generation == generation && !replaced.contains(&w.slot) {
+            if w.generation != generation {
+                continue;
+            }
+            if !replaced.contains(&w.slot) {
                 self.feed(now, i, WorkerEvent::Kill);
+            } else if w.slot >= serving_slots {
+                self.feed(now, i, WorkerEvent::Stop(now));
             }
         }
         let reason = self

@@ -1435,3 +1435,38 @@ fn a_death_after_stable_after_is_an_ordinary_crash() {
     assert!(!logged(&a, "stopped serving"));
     assert!(s.g.unstable().is_none());
 }
+
+#[test]
+fn a_rolled_back_slot_the_serving_generation_never_had_is_stopped_not_given_back() {
+    // Generation 1 has 2 slots, generation 2 has 4: slot 2 has no generation 1 worker to give
+    // back. Rolling back must not start one there, nor leave generation 2's worker serving.
+    let mut s = Sim::running(params(2));
+    s.next = Ok(rolling(4, 1));
+    s.reload(Some(C1));
+    for slot in 0..3 {
+        s.step(Event::WorkerReady { pid: s.pid(2, slot) });
+    }
+    let n2 = s.pid(2, 2);
+    let a = s.exit(s.pid(2, 3), FAIL);
+    assert_eq!(spawns(&a), vec![(1, 0)]);
+    assert!(signalled(&a).contains(&n2), "slot 2's new worker is stopped: {a:?}");
+    s.step(Event::WorkerReady { pid: s.pid(1, 0) });
+    let a = s.step(Event::WorkerReady { pid: s.pid(1, 1) });
+    assert!(
+        spawns(&a).is_empty(),
+        "no generation 1 worker for slot 2: {:?}",
+        spawns(&a)
+    );
+    assert!(
+        replies(&a)[0].2.contains("rolled back after slot 3 of 4"),
+        "{}",
+        replies(&a)[0].2
+    );
+    let live: Vec<(u64, usize)> =
+        s.g.workers()
+            .iter()
+            .filter(|w| w.state == State::Ready)
+            .map(|w| (w.generation, w.slot))
+            .collect();
+    assert_eq!(live, vec![(1, 0), (1, 1)]);
+}
