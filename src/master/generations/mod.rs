@@ -459,6 +459,13 @@ impl Generations {
         g.slots = state.slots;
         g.workers = state.workers;
         g.start_reported = true;
+        // A probe under way did not cross the exec: ask for it again (the budget left stays the
+        // backstop). It goes out with the first event's actions.
+        for w in &g.workers {
+            if matches!(w.state, State::Probing { .. }) {
+                g.out.push(Action::Probe { pid: w.pid });
+            }
+        }
         g
     }
 

@@ -1470,3 +1470,48 @@ fn a_rolled_back_slot_the_serving_generation_never_had_is_stopped_not_given_back
             .collect();
     assert_eq!(live, vec![(1, 0), (1, 1)]);
 }
+
+#[test]
+fn a_worker_handed_over_while_probing_is_probed_again_by_the_new_image() {
+    // The old image's probe died with the exec: without a new one the worker would sit in
+    // Probing until its budget ran out and be killed as "no verdict in time".
+    let now = Instant::now();
+    let probing = Pid::from_raw(500);
+    let ready = Pid::from_raw(501);
+    let worker = |pid, slot, state| Worker {
+        pid,
+        generation: 1,
+        slot,
+        state,
+        started: now,
+        stop_signal: Signal::SIGTERM,
+        stop_timeout: 5 * SEC,
+        start_timeout: 10 * SEC,
+        tail: Default::default(),
+    };
+    let mut g = Generations::resume(
+        Resumed {
+            generation: 1,
+            next_generation: 2,
+            attempt: 0,
+            params: probed(2),
+            slots: vec![Slot::default(); 2],
+            workers: vec![
+                worker(
+                    probing,
+                    0,
+                    State::Probing {
+                        deadline: now + 2 * SEC,
+                    },
+                ),
+                worker(ready, 1, State::Ready),
+            ],
+        },
+        "/etc/zdd.toml",
+    );
+    let a = g.handle(now, Event::Tick);
+    assert_eq!(probes(&a), vec![probing]);
+    let a = g.handle(now, Event::ProbePassed { pid: probing });
+    assert!(killed(&a).is_empty());
+    assert_eq!(g.worker(probing).map(|w| w.state), Some(State::Ready));
+}
