@@ -46,8 +46,9 @@ pub const ENV_EXE_FD: &str = "ZDD_UPGRADE_EXE_FD";
 pub const ENV_ROLLED_BACK: &str = "ZDD_UPGRADE_ROLLED_BACK";
 
 /// The hand-over format this binary writes. Version 1 (zdd 0.1.0) had no `version` field;
-/// version 3 added the `probing` worker state and the config's `reload`, `max_surge`,
-/// `stable_after` and `[worker.probe]` (read from older versions as their defaults).
+/// version 3 added the `probing` worker state, the config's `reload`, `max_surge`,
+/// `stable_after` and `[worker.probe]` (read from older versions as their defaults), and the
+/// watch after a cut-over (`watch`, `unstable`).
 pub const STATE_VERSION: u32 = 3;
 /// The oldest hand-over format this binary reads.
 pub const OLDEST_STATE_VERSION: u32 = 1;
@@ -160,6 +161,13 @@ pub struct State {
     pub control_path: Option<PathBuf>,
     #[serde(default)]
     pub log: Option<LogState>,
+    /// The watch after the last cut-over, if still on: (generation, ms left) (version 3).
+    #[serde(default)]
+    pub watch: Option<(u64, u64)>,
+    /// Why the serving generation is unstable, if it is (version 3): its old generations'
+    /// kills stay held by the new image.
+    #[serde(default)]
+    pub unstable: Option<String>,
 }
 
 impl State {

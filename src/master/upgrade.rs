@@ -205,6 +205,12 @@ impl Master {
                 .map(|(pid, g, p)| (pid.as_raw(), *g, p.stream, p.raw_fd()))
                 .collect(),
             orphan_partials: self.orphan_pipes.iter().map(|(_, _, p)| p.partial().to_vec()).collect(),
+            watch: self
+                .gens
+                .watch()
+                .filter(|&(_, until)| until > now)
+                .map(|(g, until)| (g, ms_left(until))),
+            unstable: self.gens.unstable().map(String::from),
             reply_fd: from.and_then(|id| self.conns.get(&id)).map(|c| c.raw_fd()),
             more_reply_fds: self
                 .conns
@@ -345,6 +351,10 @@ impl Master {
                 params: Params::of(&config),
                 slots,
                 workers: machine_workers,
+                watch: state
+                    .watch
+                    .map(|(g, ms)| (g, clock::after(now, Duration::from_millis(ms)))),
+                unstable: state.unstable,
             },
             config.path.display().to_string(),
         );

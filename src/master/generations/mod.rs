@@ -419,6 +419,10 @@ pub struct Resumed {
     pub params: Params,
     pub slots: Vec<Slot>,
     pub workers: Vec<Worker>,
+    /// The watch after the last cut-over, if it is still on: (generation, until).
+    pub watch: Option<(u64, Instant)>,
+    /// See [`Generations::unstable`].
+    pub unstable: Option<String>,
 }
 
 impl Generations {
@@ -459,6 +463,8 @@ impl Generations {
         g.slots = state.slots;
         g.workers = state.workers;
         g.start_reported = true;
+        g.watch = state.watch.map(|(generation, until)| Watch { generation, until });
+        g.unstable = state.unstable;
         // A probe under way did not cross the exec: ask for it again (the budget left stays the
         // backstop). It goes out with the first event's actions.
         for w in &g.workers {
@@ -535,6 +541,11 @@ impl Generations {
     /// its cut-over (for `status`; cleared by the next cut-over).
     pub fn unstable(&self) -> Option<&str> {
         self.unstable.as_deref()
+    }
+
+    /// The watch after the last cut-over, (generation, until), for an upgrade to hand over.
+    pub fn watch(&self) -> Option<(u64, Instant)> {
+        self.watch.map(|w| (w.generation, w.until))
     }
 
     /// The earliest deadline: a worker's start timeout, delayed readiness, probe or kill, or a

@@ -1009,6 +1009,8 @@ fn resumed_machine_runs_the_handed_over_generation() {
                 ..Slot::default()
             }],
             workers: vec![worker],
+            watch: None,
+            unstable: None,
         },
         "/etc/zdd.toml",
     );
@@ -1506,6 +1508,8 @@ fn a_worker_handed_over_while_probing_is_probed_again_by_the_new_image() {
                 ),
                 worker(ready, 1, State::Ready),
             ],
+            watch: None,
+            unstable: None,
         },
         "/etc/zdd.toml",
     );
@@ -1514,4 +1518,57 @@ fn a_worker_handed_over_while_probing_is_probed_again_by_the_new_image() {
     let a = g.handle(now, Event::ProbePassed { pid: probing });
     assert!(killed(&a).is_empty());
     assert_eq!(g.worker(probing).map(|w| w.state), Some(State::Ready));
+}
+
+/// What the exec side of an upgrade hands over of the machine, resumed by a new image.
+fn upgraded(s: &mut Sim) {
+    let g = &s.g;
+    let resumed = Resumed {
+        generation: g.generation(),
+        next_generation: g.next_generation(),
+        attempt: g.attempt(),
+        params: g.params.clone(),
+        slots: g.slots().to_vec(),
+        workers: g.workers().to_vec(),
+        watch: g.watch(),
+        unstable: g.unstable().map(String::from),
+    };
+    s.g = Generations::resume(resumed, "/etc/zdd.toml");
+}
+
+#[test]
+fn the_watch_after_a_cut_over_survives_an_upgrade() {
+    let p = Params {
+        stable_after: 5 * SEC,
+        ..params(1)
+    };
+    // Upgraded during the watch: a death after the upgrade is still within stable_after.
+    let mut s = Sim::running(p.clone());
+    let old = s.pid(1, 0);
+    s.next = Ok(p.clone());
+    s.reload(None);
+    s.step(Event::WorkerReady { pid: s.pid(2, 0) });
+    upgraded(&mut s);
+    s.advance(SEC);
+    let a = s.exit(s.pid(2, 0), FAIL);
+    assert!(logged(&a, "generation 2 stopped serving within 5s of its cut-over"));
+    s.advance(10 * SEC);
+    assert!(killed(&s.step(Event::Tick)).is_empty());
+    assert!(matches!(s.state(old), State::Stopping { .. }));
+
+    // Upgraded while unstable: the old generation's kill stays held.
+    let mut s = Sim::running(p.clone());
+    let old = s.pid(1, 0);
+    s.next = Ok(p);
+    s.reload(None);
+    s.step(Event::WorkerReady { pid: s.pid(2, 0) });
+    s.advance(SEC);
+    s.exit(s.pid(2, 0), FAIL);
+    upgraded(&mut s);
+    assert!(s.g.unstable().is_some());
+    s.advance(10 * SEC);
+    assert!(killed(&s.step(Event::Tick)).is_empty());
+    assert!(matches!(s.state(old), State::Stopping { .. }));
+    let a = s.step(Event::WorkerReady { pid: s.pid(2, 0) });
+    assert_eq!(killed(&a), vec![old]);
 }
