@@ -223,9 +223,11 @@ impl Generations {
         }
     }
 
-    /// A rolling reload's new generation is under way, not being rolled back.
+    /// A rolling reload's new generation is under way, not being rolled back, and has not
+    /// failed (a failure recorded this turn is acted on at the Tick: no slot is replaced
+    /// meanwhile).
     pub(super) fn rolling_forward(&self, generation: u64) -> bool {
-        matches!(&self.reload, Some(Reload { generation: g, roll: Some(roll), .. }) if *g == generation && roll.back.is_none())
+        matches!(&self.reload, Some(Reload { generation: g, roll: Some(roll), failure: None, .. }) if *g == generation && roll.back.is_none())
     }
 
     /// The slot has been replaced by a rolling reload under way: the serving generation

@@ -1572,3 +1572,26 @@ fn the_watch_after_a_cut_over_survives_an_upgrade() {
     let a = s.step(Event::WorkerReady { pid: s.pid(2, 0) });
     assert_eq!(killed(&a), vec![old]);
 }
+
+#[test]
+fn a_rolling_reload_that_failed_replaces_no_more_slots_in_the_same_turn() {
+    // One poll brings slot 1's new worker exiting and slot 0's saying READY=1: the reload has
+    // failed, so slot 0's old worker keeps serving (no stop, then a roll-back worker for it).
+    let mut s = Sim::running(params(2));
+    let old = s.pids(1);
+    s.next = Ok(rolling(2, 2));
+    s.reload(Some(C1));
+    let (n0, n1) = (s.pid(2, 0), s.pid(2, 1));
+    let a = s.turn(vec![
+        Event::WorkerExited { pid: n1, status: FAIL },
+        Event::WorkerReady { pid: n0 },
+    ]);
+    assert!(signalled(&a).is_empty(), "{:?}", signalled(&a));
+    assert!(spawns(&a).is_empty(), "{:?}", spawns(&a));
+    assert_eq!(killed(&a), vec![n0]);
+    let r = replies(&a);
+    assert!(r[0].2.starts_with("reload failed: worker pid"), "{}", r[0].2);
+    for pid in old {
+        assert_eq!(s.state(pid), State::Ready);
+    }
+}
