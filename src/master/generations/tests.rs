@@ -1595,3 +1595,29 @@ fn a_rolling_reload_that_failed_replaces_no_more_slots_in_the_same_turn() {
         assert_eq!(s.state(pid), State::Ready);
     }
 }
+
+#[test]
+fn a_new_generation_that_fails_its_probes_within_stable_after_keeps_the_old_one_draining() {
+    let p = Params {
+        stable_after: 5 * SEC,
+        ..probed(1)
+    };
+    let mut s = Sim::running(p.clone());
+    let old = s.pid(1, 0);
+    s.next = Ok(p);
+    s.reload(None);
+    s.ready_all(2);
+    let new = s.pid(2, 0);
+    assert_eq!(s.g.generation(), 2);
+    let a = s.step(Event::ProbeFailed {
+        pid: new,
+        reason: "probe GET /healthz: no answer".into(),
+    });
+    assert!(logged(&a, "generation 2 stopped serving within 5s of its cut-over"));
+    s.advance(10 * SEC);
+    let a = s.step(Event::Tick);
+    assert!(
+        !killed(&a).contains(&old),
+        "the old worker was killed while no new one serves"
+    );
+}

@@ -463,6 +463,8 @@ impl Generations {
                 if !self.slot_taken(slot) {
                     self.schedule_restart(now, slot, lived);
                 }
+                // Failing its probes is not serving: the watch after a cut-over counts it.
+                self.watch_after_death(now, self.generation);
             }
             _ => {}
         }
