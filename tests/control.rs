@@ -457,3 +457,31 @@ fn reload_with_another_config_file_than_the_masters_is_refused() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     z.stop();
 }
+
+#[test]
+fn status_during_a_crash_loop_shows_the_slot_waiting_to_restart_and_why() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&daemon_config(port, &["--ready", "--exit-after", "100", "3"], ""));
+    z.wait_ready();
+    // Between two crashes the slot has no worker: status says it restarts, and why.
+    let s = wait_for("a slot waiting out its back-off", DEADLINE, || {
+        let s = status(&z);
+        (!s["restarting"].as_array().unwrap().is_empty() && s["workers"].as_array().unwrap().is_empty()).then_some(s)
+    });
+    let r = &s["restarting"][0];
+    assert_eq!(r["slot"], 0);
+    assert_eq!(r["generation"], 1);
+    assert!(
+        r["last_exit"].as_str().unwrap().ends_with("exited with status 3"),
+        "{s}"
+    );
+    let text = wait_for("the text form", DEADLINE, || {
+        let t = stdout(&zdd(&z, &["status"]));
+        t.contains("restarting in").then_some(t)
+    });
+    assert!(
+        text.contains("(last: worker pid") && text.contains("exited with status 3)"),
+        "{text}"
+    );
+    z.stop();
+}

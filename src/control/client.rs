@@ -261,6 +261,20 @@ pub fn format_status(s: &Value) -> String {
             w["restarts"]
         ));
     }
+    for r in s["restarting"].as_array().into_iter().flatten() {
+        let secs = r["in_ms"].as_u64().unwrap_or(0) as f64 / 1000.0;
+        out.push_str(&format!(
+            "         {:<8} {:<4} {:<5} restarting in {secs:.1} s{}  {}\n",
+            "-",
+            r["generation"].to_string(),
+            r["slot"].to_string(),
+            match r["last_exit"].as_str() {
+                Some(why) => format!(" (last: {why})"),
+                None => String::new(),
+            },
+            r["restarts"]
+        ));
+    }
     out
 }
 

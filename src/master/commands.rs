@@ -143,6 +143,23 @@ impl Master {
                 })
             })
             .collect();
+        // Slots waiting out their crash back-off have no worker: say so, with why.
+        let restarting: Vec<Value> = self
+            .gens
+            .slots()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let at = s.restart_at?;
+                Some(json!({
+                    "slot": i,
+                    "generation": self.gens.generation(),
+                    "in_ms": crate::clock::ms(at.saturating_duration_since(now)),
+                    "restarts": s.restarts,
+                    "last_exit": s.last_exit,
+                }))
+            })
+            .collect();
         let listeners: Vec<Value> = self
             .config
             .listen
@@ -161,6 +178,7 @@ impl Master {
             "reloading": self.gens.reloading(),
             "unstable": self.gens.unstable(),
             "workers": workers,
+            "restarting": restarting,
             "listeners": listeners,
             "log": self.sink.status(),
         })

@@ -111,6 +111,9 @@ pub struct SlotState {
     pub failures: u32,
     pub restarts: u32,
     pub restart_in_ms: Option<u64>,
+    /// Version 3.
+    #[serde(default)]
+    pub last_exit: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -197,6 +197,7 @@ impl Master {
                     failures: s.failures,
                     restarts: s.restarts,
                     restart_in_ms: s.restart_at.map(ms_left),
+                    last_exit: s.last_exit.clone(),
                 })
                 .collect(),
             orphan_pipes: self
@@ -341,6 +342,7 @@ impl Master {
                 failures: s.failures,
                 restarts: s.restarts,
                 restart_at: s.restart_in_ms.map(|ms| clock::after(now, Duration::from_millis(ms))),
+                last_exit: s.last_exit,
             })
             .collect();
         let gens = Generations::resume(

@@ -122,6 +122,8 @@ pub struct Slot {
     pub failures: u32,
     pub restarts: u32,
     pub restart_at: Option<Instant>,
+    /// Why its last worker went, when the slot was restarted (for `status`).
+    pub last_exit: Option<String>,
 }
 
 /// A worker as the machine knows it.

@@ -112,11 +112,11 @@ impl Generations {
                 self.generation_failed(now, generation, slot, reason, vec![])
             }
             Some(SpawnFor::RollBack) if generation == self.generation && self.phase != Phase::Stopping => {
-                self.schedule_restart(now, slot, Duration::ZERO);
+                self.schedule_restart(now, slot, Duration::ZERO, reason);
                 self.rollback_slot_done(slot);
             }
             Some(SpawnFor::Restart) if generation == self.generation && self.phase != Phase::Stopping => {
-                self.schedule_restart(now, slot, Duration::ZERO)
+                self.schedule_restart(now, slot, Duration::ZERO, reason)
             }
             Some(SpawnFor::Restart | SpawnFor::RollBack) | None => {}
         }
@@ -261,7 +261,7 @@ impl Generations {
             self.last_exit_failed = !status.success();
             return self.stop_if_nothing_left(now);
         }
-        self.schedule_restart(now, slot, lived);
+        self.schedule_restart(now, slot, lived, format!("worker pid {pid} {status}"));
         let delay = self
             .slots
             .get(slot)
@@ -298,8 +298,10 @@ impl Generations {
         }
     }
 
-    pub(super) fn schedule_restart(&mut self, now: Instant, slot: usize, lived: Duration) {
+    /// Restart the slot after its back-off; `why` its last worker went (for `status`).
+    pub(super) fn schedule_restart(&mut self, now: Instant, slot: usize, lived: Duration, why: String) {
         let Some(s) = self.slots.get_mut(slot) else { return };
+        s.last_exit = Some(why);
         if lived >= BACKOFF_RESET {
             s.failures = 0;
         }
@@ -328,8 +330,8 @@ impl Generations {
             }
             _ if generation == self.generation && self.phase == Phase::Running => {
                 // A restarted worker that never became ready: a crash like any other.
-                self.log(Level::Warn, reason, vec![("generation", Kv::U64(generation))]);
-                self.schedule_restart(now, slot, Duration::ZERO);
+                self.log(Level::Warn, reason.clone(), vec![("generation", Kv::U64(generation))]);
+                self.schedule_restart(now, slot, Duration::ZERO, reason);
                 self.rollback_slot_done(slot);
             }
             _ => {}
@@ -461,7 +463,7 @@ impl Generations {
                 );
                 self.feed(now, i, WorkerEvent::Stop(now));
                 if !self.slot_taken(slot) {
-                    self.schedule_restart(now, slot, lived);
+                    self.schedule_restart(now, slot, lived, format!("worker pid {pid} failed its health probe"));
                 }
                 // Failing its probes is not serving: the watch after a cut-over counts it.
                 self.watch_after_death(now, self.generation);
