@@ -104,8 +104,37 @@ pub struct MasterConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ready {
+    /// `READY=1` on `NOTIFY_SOCKET`.
     Notify,
+    /// This long after it started (or `READY=1` before then).
     Delay(Duration),
+    /// Once a process of the worker waits for connections on one of its listeners
+    /// (src/worker/listening.rs).
+    Listening,
+    /// The first of `READY=1` and listening.
+    Auto,
+}
+
+impl Ready {
+    /// The name used in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ready::Notify => "notify",
+            Ready::Delay(_) => "delay",
+            Ready::Listening => "listening",
+            Ready::Auto => "auto",
+        }
+    }
+
+    /// Whether the master looks for the worker listening.
+    pub fn watches_listening(self) -> bool {
+        matches!(self, Ready::Listening | Ready::Auto)
+    }
+
+    /// Whether a `READY=1` from the worker makes it ready.
+    pub fn takes_notify(self) -> bool {
+        !matches!(self, Ready::Listening)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

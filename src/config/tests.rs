@@ -99,6 +99,26 @@ fn every_key_is_read() {
 }
 
 #[test]
+fn ready_modes_are_read() {
+    for (mode, ready) in [
+        ("notify", Ready::Notify),
+        ("listening", Ready::Listening),
+        ("auto", Ready::Auto),
+    ] {
+        let c = p(&format!("[worker]\ncommand = [\"/bin/true\"]\nready = \"{mode}\"\n")).unwrap();
+        assert_eq!(c.worker.ready, ready);
+        assert_eq!(c.worker.ready.name(), mode);
+    }
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\nready = \"listening\"\nready_delay = \"1s\"\n");
+    assert!(
+        e.contains("worker.ready_delay: only used with ready = \"delay\""),
+        "{e}"
+    );
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\nready = \"soon\"\n");
+    assert!(e.contains("\"listening\" or \"auto\""), "{e}");
+}
+
+#[test]
 fn unknown_key_names_key_and_position() {
     let e = err("[worker]\ncommand = [\"/bin/true\"]\ncuont = 2\n");
     assert!(e.starts_with("/etc/zdd/app.toml:3:1: "), "{e}");

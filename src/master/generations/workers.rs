@@ -53,7 +53,7 @@ impl Generations {
         let p = self.params_of(generation);
         let ready_at = match p.ready {
             Ready::Delay(d) => Some(clock::after(now, d)),
-            Ready::Notify => None,
+            Ready::Notify | Ready::Listening | Ready::Auto => None,
         };
         self.log(
             Level::Info,
