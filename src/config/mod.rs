@@ -116,13 +116,16 @@ pub enum Ready {
 }
 
 impl Ready {
-    /// The name used in the config file.
-    pub fn name(self) -> &'static str {
+    /// What the "did not become ready within …" error adds: the other choices.
+    pub fn timeout_hint(self) -> &'static str {
         match self {
-            Ready::Notify => "notify",
-            Ready::Delay(_) => "delay",
-            Ready::Listening => "listening",
-            Ready::Auto => "auto",
+            Ready::Notify => "; if the server never sends READY=1, set ready = \"listening\" (or \"auto\")",
+            Ready::Listening => {
+                "; it was not seen waiting on its listeners (io_uring, or accepting only from a thread \
+                 blocked on something else, cannot be seen): set ready = \"notify\" or \"delay\""
+            }
+            Ready::Auto => "; it neither sent READY=1 nor was seen waiting on its listeners",
+            Ready::Delay(_) => "",
         }
     }
 
@@ -301,6 +304,18 @@ pub fn parse_with(path: &Path, text: &str, checks: Checks) -> Result<Config, Con
             }
         }
         listen.push(l);
+    }
+    if worker.ready == Ready::Listening && listen.is_empty() {
+        let span = raw
+            .worker
+            .as_ref()
+            .and_then(|w| w.get_ref().ready.as_ref())
+            .map_or(0..0, |r| r.span());
+        return Err(src.err(
+            span,
+            "worker.ready",
+            "ready = \"listening\" needs at least one [[listen]]: a worker without listeners is never seen listening",
+        ));
     }
     Ok(Config {
         path: path.to_path_buf(),

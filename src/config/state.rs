@@ -348,7 +348,9 @@ mod tests {
     #[test]
     fn listening_and_auto_survive_the_round_trip_by_name() {
         for (mode, ready) in [("listening", Ready::Listening), ("auto", Ready::Auto)] {
-            let text = format!("[worker]\ncommand = [\"/bin/true\"]\nready = \"{mode}\"\n");
+            let text = format!(
+                "[worker]\ncommand = [\"/bin/true\"]\nready = \"{mode}\"\n[[listen]]\nname = \"a\"\ntcp = \"127.0.0.1:1\"\n"
+            );
             let c = config::parse(Path::new("/etc/zdd/app.toml"), &text).unwrap();
             assert_eq!(c.worker.ready, ready);
             let v = serde_json::to_value(ConfigState::from(&c)).unwrap();

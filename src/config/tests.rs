@@ -105,13 +105,18 @@ fn ready_modes_are_read() {
         ("listening", Ready::Listening),
         ("auto", Ready::Auto),
     ] {
-        let c = p(&format!("[worker]\ncommand = [\"/bin/true\"]\nready = \"{mode}\"\n")).unwrap();
+        let text = format!("[worker]\ncommand = [\"/bin/true\"]\nready = \"{mode}\"\n[[listen]]\nname = \"a\"\ntcp = \"127.0.0.1:1\"\n");
+        let c = p(&text).unwrap();
         assert_eq!(c.worker.ready, ready);
-        assert_eq!(c.worker.ready.name(), mode);
     }
     let e = err("[worker]\ncommand = [\"/bin/true\"]\nready = \"listening\"\nready_delay = \"1s\"\n");
     assert!(
         e.contains("worker.ready_delay: only used with ready = \"delay\""),
+        "{e}"
+    );
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\nready = \"listening\"\n");
+    assert!(
+        e.contains("worker.ready: ready = \"listening\" needs at least one [[listen]]"),
         "{e}"
     );
     let e = err("[worker]\ncommand = [\"/bin/true\"]\nready = \"soon\"\n");

@@ -43,7 +43,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::IoSliceMut;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::RawFd;
 use std::path::Path;
 
 use nix::libc;
@@ -86,8 +86,8 @@ pub struct Seen {
 }
 
 /// The socket inode of an fd (`fstat`), as `/proc/PID/fd/N` shows it: `socket:[INODE]`.
-pub fn inode_of(fd: impl AsFd) -> Result<u64, nix::errno::Errno> {
-    nix::sys::stat::fstat(fd.as_fd().as_raw_fd()).map(|st| st.st_ino)
+pub fn inode_of(fd: RawFd) -> Result<u64, nix::errno::Errno> {
+    nix::sys::stat::fstat(fd).map(|st| st.st_ino)
 }
 
 /// Look for a process of the worker `leader` waiting on one of `inodes`. `cgroup` is the

@@ -200,7 +200,7 @@ fn end(leader: Pid, target: Pid) {
 
 fn detects(how: Wait, kind: Kind, in_child: bool) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let ino = inode_of(&l).unwrap();
+    let ino = inode_of(l.as_raw_fd()).unwrap();
     let (target, leader, w) = helper(&l, how, in_child);
     blocked_in(target, libc::SYS_read);
     assert_eq!(find(leader, None, &[ino]), None, "{how:?}: seen before it waits");
@@ -245,7 +245,7 @@ fn a_child_in_the_workers_process_group_is_seen() {
 #[test]
 fn a_process_in_the_workers_cgroup_is_seen_and_others_are_not() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let ino = inode_of(&l).unwrap();
+    let ino = inode_of(l.as_raw_fd()).unwrap();
     let (target, leader, w) = helper(&l, Wait::Accept, true);
     blocked_in(target, libc::SYS_read);
     write(&w, b"x").unwrap();
@@ -258,7 +258,7 @@ fn a_process_in_the_workers_cgroup_is_seen_and_others_are_not() {
     let seen = seen_within(leader, Some(dir.path()), ino);
     // Another listener's inode is never matched.
     let other = TcpListener::bind("127.0.0.1:0").unwrap();
-    let not_ours = find(leader, Some(dir.path()), &[inode_of(&other).unwrap()]);
+    let not_ours = find(leader, Some(dir.path()), &[inode_of(other.as_raw_fd()).unwrap()]);
     end(leader, target);
     assert_eq!(outside, None);
     assert_eq!((seen.pid, seen.kind), (target.as_raw(), Kind::Accept));
@@ -268,7 +268,7 @@ fn a_process_in_the_workers_cgroup_is_seen_and_others_are_not() {
 #[test]
 fn a_process_that_is_gone_is_not_seen_and_nothing_fails() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let ino = inode_of(&l).unwrap();
+    let ino = inode_of(l.as_raw_fd()).unwrap();
     assert_eq!(find(Pid::from_raw(i32::MAX - 1), None, &[ino]), None);
     assert_eq!(find(Pid::this(), Some(Path::new("/nonexistent")), &[ino]), None);
     assert_eq!(find(Pid::this(), None, &[]), None);

@@ -143,8 +143,9 @@ impl Generations {
                 Effect::StartTimedOut => {
                     let tail = escaped(&w.tail);
                     let reason = format!(
-                        "worker pid {pid} did not become ready within {}",
-                        humantime::format_duration(w.start_timeout)
+                        "worker pid {pid} did not become ready within {}{}",
+                        humantime::format_duration(w.start_timeout),
+                        self.params_of(generation).ready.timeout_hint()
                     );
                     self.generation_failed(now, generation, slot, reason, tail);
                 }
