@@ -75,10 +75,13 @@ fn now_ns() -> i128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128
 }
 
+/// One client's requests, failures and the (generation, pid) of its answers.
+type ClientResult = (u64, Vec<String>, Vec<(u64, i32)>);
+
 /// Clients sending one HTTP request per connection until stopped; every failure is kept.
 struct HttpLoad {
     stop: Arc<AtomicBool>,
-    clients: Vec<std::thread::JoinHandle<(u64, Vec<String>, Vec<(u64, i32)>)>>,
+    clients: Vec<std::thread::JoinHandle<ClientResult>>,
 }
 
 impl HttpLoad {
