@@ -3,8 +3,10 @@
 //! deadlines, and feed [`Event::WorkerReady`] once it waits on a listener — the same event a
 //! `READY=1` is.
 //!
-//! Cadence: right after the spawn (the next turn), then every 5 ms for the first second, every
-//! 20 ms until 10 s, then every 50 ms. A look at a worker whose own process listens costs
+//! Cadence: right after the spawn (the next turn), then every millisecond for 20 ms (a server
+//! that is ready at once should not wait for a slower schedule: a reload's round trip is
+//! about 2 ms), every 5 ms for the rest of the first second, every 20 ms until 10 s, then
+//! every 50 ms. A look at a worker whose own process listens costs
 //! tens of microseconds (one `readdir` of its fds, one fdinfo per epoll fd, one `syscall` file
 //! per thread: docs/benchmarks.md); only a worker that does not listen itself, without a
 //! cgroup, costs a scan of `/proc/*/stat` for its process group. A watch ends when the worker
@@ -16,7 +18,9 @@ use crate::worker::listening;
 
 /// Look again after this long, for a worker that started `age` ago.
 pub(super) fn interval(age: Duration) -> Duration {
-    if age < Duration::from_secs(1) {
+    if age < Duration::from_millis(20) {
+        Duration::from_millis(1)
+    } else if age < Duration::from_secs(1) {
         Duration::from_millis(5)
     } else if age < Duration::from_secs(10) {
         Duration::from_millis(20)
@@ -90,12 +94,15 @@ impl Master {
         for w in self.watches.iter_mut().filter(|w| w.next <= now) {
             w.looks += 1;
             let age = now.saturating_duration_since(w.started);
-            match listening::find(w.pid, w.cgroup.as_deref(), &w.inodes) {
+            let t0 = Instant::now();
+            let found = listening::find(w.pid, w.cgroup.as_deref(), &w.inodes);
+            let look_us = t0.elapsed().as_micros() as u64;
+            match found {
                 Some(s) => {
                     debug!(self.log, "worker listening";
                         "pid" => w.pid.as_raw(), "process" => s.pid, "kind" => s.kind.name(),
                         "syscall" => s.syscall, "fd" => s.fd, "inode" => s.inode,
-                        "looks" => w.looks, "after_ms" => clock::ms(age));
+                        "looks" => w.looks, "look_us" => look_us, "after_ms" => clock::ms(age));
                     seen.push(w.pid);
                 }
                 None => w.next = clock::after(now, interval(age)),
@@ -114,7 +121,8 @@ mod tests {
 
     #[test]
     fn looks_back_off_with_age() {
-        assert_eq!(interval(Duration::ZERO), Duration::from_millis(5));
+        assert_eq!(interval(Duration::ZERO), Duration::from_millis(1));
+        assert_eq!(interval(Duration::from_millis(20)), Duration::from_millis(5));
         assert_eq!(interval(Duration::from_millis(999)), Duration::from_millis(5));
         assert_eq!(interval(Duration::from_secs(1)), Duration::from_millis(20));
         assert_eq!(interval(Duration::from_secs(10)), Duration::from_millis(50));
