@@ -88,7 +88,7 @@ fn daemon_start_failures_reach_the_terminal() {
     let o = zdd(&z, &["start"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        stderr(&o).contains("worker.ready: expected \"notify\" or \"delay\""),
+        stderr(&o).contains("worker.ready: expected \"notify\", \"delay\", \"listening\" or \"auto\""),
         "{}",
         stderr(&o)
     );

@@ -104,8 +104,40 @@ pub struct MasterConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ready {
+    /// `READY=1` on `NOTIFY_SOCKET`.
     Notify,
+    /// This long after it started (or `READY=1` before then).
     Delay(Duration),
+    /// Once a process of the worker waits for connections on one of its listeners
+    /// (src/worker/listening.rs).
+    Listening,
+    /// The first of `READY=1` and listening.
+    Auto,
+}
+
+impl Ready {
+    /// What the "did not become ready within …" error adds: the other choices.
+    pub fn timeout_hint(self) -> &'static str {
+        match self {
+            Ready::Notify => "; if the server never sends READY=1, set ready = \"listening\" (or \"auto\")",
+            Ready::Listening => {
+                "; it was not seen waiting on its listeners (io_uring, or accepting only from a thread \
+                 blocked on something else, cannot be seen): set ready = \"notify\" or \"delay\""
+            }
+            Ready::Auto => "; it neither sent READY=1 nor was seen waiting on its listeners",
+            Ready::Delay(_) => "",
+        }
+    }
+
+    /// Whether the master looks for the worker listening.
+    pub fn watches_listening(self) -> bool {
+        matches!(self, Ready::Listening | Ready::Auto)
+    }
+
+    /// Whether a `READY=1` from the worker makes it ready.
+    pub fn takes_notify(self) -> bool {
+        !matches!(self, Ready::Listening)
+    }
 }
 
 /// How a reload replaces the workers.
@@ -285,6 +317,18 @@ pub fn parse_with(path: &Path, text: &str, checks: Checks) -> Result<Config, Con
             }
         }
         listen.push(l);
+    }
+    if worker.ready == Ready::Listening && listen.is_empty() {
+        let span = raw
+            .worker
+            .as_ref()
+            .and_then(|w| w.get_ref().ready.as_ref())
+            .map_or(0..0, |r| r.span());
+        return Err(src.err(
+            span,
+            "worker.ready",
+            "ready = \"listening\" needs at least one [[listen]]: a worker without listeners is never seen listening",
+        ));
     }
     Ok(Config {
         path: path.to_path_buf(),

@@ -115,12 +115,14 @@ pub struct CredentialsState {
     pub gid: u32,
 }
 
-/// [`Ready`] as data: `"notify"` or `{"delay": {"secs": 1, "nanos": 0}}`.
+/// [`Ready`] as data: `"notify"`, `{"delay": {"secs": 1, "nanos": 0}}`, `"listening"`, `"auto"`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReadyState {
     Notify,
     Delay(Duration),
+    Listening,
+    Auto,
 }
 
 /// [`Restart`] as data.
@@ -194,6 +196,8 @@ impl From<&Config> for ConfigState {
                 ready: match w.ready {
                     Ready::Notify => ReadyState::Notify,
                     Ready::Delay(d) => ReadyState::Delay(d),
+                    Ready::Listening => ReadyState::Listening,
+                    Ready::Auto => ReadyState::Auto,
                 },
                 start_timeout: w.start_timeout,
                 stop_signal: w.stop_signal.as_str().to_string(),
@@ -303,6 +307,8 @@ impl ConfigState {
                 ready: match w.ready {
                     ReadyState::Notify => Ready::Notify,
                     ReadyState::Delay(d) => Ready::Delay(d),
+                    ReadyState::Listening => Ready::Listening,
+                    ReadyState::Auto => Ready::Auto,
                 },
                 start_timeout: w.start_timeout,
                 stop_signal,
@@ -368,6 +374,21 @@ mod tests {
         let c = config::parse(Path::new("/etc/zdd/app.toml"), text).unwrap();
         assert_eq!(c.worker.credentials.as_ref().unwrap().user, None);
         assert_eq!(ConfigState::from(&c).into_config(), Ok(c));
+    }
+
+    #[test]
+    fn listening_and_auto_survive_the_round_trip_by_name() {
+        for (mode, ready) in [("listening", Ready::Listening), ("auto", Ready::Auto)] {
+            let text = format!(
+                "[worker]\ncommand = [\"/bin/true\"]\nready = \"{mode}\"\n[[listen]]\nname = \"a\"\ntcp = \"127.0.0.1:1\"\n"
+            );
+            let c = config::parse(Path::new("/etc/zdd/app.toml"), &text).unwrap();
+            assert_eq!(c.worker.ready, ready);
+            let v = serde_json::to_value(ConfigState::from(&c)).unwrap();
+            assert_eq!(v["worker"]["ready"], mode);
+            let back: ConfigState = serde_json::from_value(v).unwrap();
+            assert_eq!(back.into_config(), Ok(c));
+        }
     }
 
     #[test]

@@ -119,6 +119,31 @@ fn a_rolling_reload_replaces_one_slot_at_a_time_by_default() {
 }
 
 #[test]
+fn ready_modes_are_read() {
+    for (mode, ready) in [
+        ("notify", Ready::Notify),
+        ("listening", Ready::Listening),
+        ("auto", Ready::Auto),
+    ] {
+        let text = format!("[worker]\ncommand = [\"/bin/true\"]\nready = \"{mode}\"\n[[listen]]\nname = \"a\"\ntcp = \"127.0.0.1:1\"\n");
+        let c = p(&text).unwrap();
+        assert_eq!(c.worker.ready, ready);
+    }
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\nready = \"listening\"\nready_delay = \"1s\"\n");
+    assert!(
+        e.contains("worker.ready_delay: only used with ready = \"delay\""),
+        "{e}"
+    );
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\nready = \"listening\"\n");
+    assert!(
+        e.contains("worker.ready: ready = \"listening\" needs at least one [[listen]]"),
+        "{e}"
+    );
+    let e = err("[worker]\ncommand = [\"/bin/true\"]\nready = \"soon\"\n");
+    assert!(e.contains("\"listening\" or \"auto\""), "{e}");
+}
+
+#[test]
 fn unknown_key_names_key_and_position() {
     let e = err("[worker]\ncommand = [\"/bin/true\"]\ncuont = 2\n");
     assert!(e.starts_with("/etc/zdd/app.toml:3:1: "), "{e}");

@@ -327,11 +327,24 @@ impl Validator<'_> {
             Some(("delay", _)) => {
                 Ready::Delay(self.duration(&w.ready_delay, "worker.ready_delay", Duration::from_secs(1), false)?)
             }
+            Some((mode @ ("listening" | "auto"), _)) => {
+                if let Some(d) = &w.ready_delay {
+                    return Err(self.err(d.span(), "worker.ready_delay", "only used with ready = \"delay\""));
+                }
+                if mode == "listening" {
+                    Ready::Listening
+                } else {
+                    Ready::Auto
+                }
+            }
             Some((other, span)) => {
                 return Err(self.err(
                     span,
                     "worker.ready",
-                    format!("expected \"notify\" or \"delay\", got {}", shown(other)),
+                    format!(
+                        "expected \"notify\", \"delay\", \"listening\" or \"auto\", got {}",
+                        shown(other)
+                    ),
                 ))
             }
         };

@@ -153,6 +153,11 @@ impl Master {
             listeners,
             cgroup,
         });
+        if config.worker.ready.watches_listening() {
+            if let Some(w) = self.workers.last() {
+                self.watches.push(readiness::Watch::new(w, Instant::now()));
+            }
+        }
         Ok(spawned.pid)
     }
 }

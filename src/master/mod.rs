@@ -6,7 +6,8 @@
 //! then polls the signal self-pipe, the notify socket, the control socket and its connections
 //! and every worker's log pipes, with the earliest deadline as the timeout, and turns what woke
 //! it into events, in this fixed order: signals → reaping children → readiness messages →
-//! control requests → log lines → the upgrade check's deadline.
+//! control requests → log lines → due looks at starting workers (`ready = "listening"`,
+//! [`readiness`]) → the upgrade check's deadline.
 //!
 //! The loop carries out the machine's actions ([`actions`]): spawn, signal, prepare, commit or
 //! discard a reload ([`reload`]), reply, log, tell systemd; what an action produced (a pid, a
@@ -53,6 +54,7 @@ mod commands;
 mod generations;
 pub mod handover;
 mod pipes;
+mod readiness;
 mod reload;
 mod signals;
 mod start;
@@ -100,6 +102,8 @@ pub struct Master {
     pending: Option<Pending>,
     /// The workers' I/O, in the order they were spawned; their state is in `gens`.
     workers: Vec<Worker>,
+    /// Starting workers of `ready = "listening"` or `"auto"`, looked at until they listen.
+    watches: Vec<readiness::Watch>,
     /// The machine said the stop is over: the exit code.
     exit: Option<i32>,
     /// Log pipes of reaped workers that something else (a grandchild) still holds open.
@@ -159,7 +163,23 @@ struct Parts {
 impl Master {
     /// The one constructor: a fresh start and a resume differ only in their [`Parts`].
     fn assemble(p: Parts) -> Master {
+        // A resumed worker that is still starting is looked at again.
+        let now = Instant::now();
+        let watches = match p.config.worker.ready.watches_listening() {
+            true => p
+                .workers
+                .iter()
+                .filter(|w| {
+                    p.gens
+                        .worker(w.pid)
+                        .is_some_and(|m| matches!(m.state, crate::worker::State::Starting { .. }))
+                })
+                .map(|w| readiness::Watch::new(w, now))
+                .collect(),
+            false => Vec::new(),
+        };
         Master {
+            watches,
             lines: LineBatch::new(p.sink.clone(), p.config.master.log_format),
             log: p.log,
             sink: p.sink,
@@ -220,6 +240,7 @@ impl Master {
             self.read_notify();
             self.serve_control(&ready);
             self.pump_pipes(&ready);
+            self.look_for_listening();
             if self
                 .upgrade_check
                 .as_ref()
@@ -332,6 +353,7 @@ impl Master {
             .chain(requests)
             .chain(self.control_paused_until)
             .chain(self.upgrade_check.as_ref().map(|c| c.deadline))
+            .chain(self.next_look())
             .min()
     }
 
@@ -402,6 +424,7 @@ impl Master {
             return;
         };
         let mut w = self.workers.remove(i);
+        self.watches.retain(|x| x.pid() != pid);
         // Whatever was left in its process group was killed before reaping (`reap`); its
         // cgroup, with any descendant that escaped the group, goes with it now.
         if let Some(cg) = w.cgroup.take() {

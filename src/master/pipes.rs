@@ -49,7 +49,13 @@ impl Master {
                 debug!(self.log, "worker is stopping"; "pid" => pid.as_raw());
             }
             if msg.get("READY") == Some("1") {
-                self.event(Event::WorkerReady { pid });
+                let generation = self.workers.iter().find(|w| w.pid == pid).map(|w| w.generation);
+                // ready = "listening" means what it says: READY=1 is the worker's opinion.
+                if generation.is_none_or(|g| self.ready_mode(g).takes_notify()) {
+                    self.event(Event::WorkerReady { pid });
+                } else {
+                    debug!(self.log, "READY=1 ignored: ready = \"listening\""; "pid" => pid.as_raw());
+                }
             }
         }
     }

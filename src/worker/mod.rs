@@ -10,6 +10,7 @@
 //! loop's [`Worker`] holds only the process's I/O.
 
 pub mod cgroup;
+pub mod listening;
 pub mod notify;
 pub mod relay;
 pub mod spawn;

@@ -317,7 +317,10 @@ fn start_fails_on_start_timeout() {
     let a = s.step(Event::Tick);
     assert_eq!(killed(&a), vec![pid]);
     assert!(a.contains(&Action::StartFailed {
-        reason: format!("worker pid {pid} did not become ready within 10s"),
+        reason: format!(
+            "worker pid {pid} did not become ready within 10s; if the server never sends READY=1, \
+             set ready = \"listening\" (or \"auto\")"
+        ),
         tail: vec![],
     }));
     assert_eq!(s.state(pid), State::Killed);
@@ -575,7 +578,11 @@ fn new_worker_failing_mid_reload_fails_the_reload() {
     let cases: [(&str, Option<ExitStatus>, &str); 3] = [
         ("exits 1", Some(FAIL), "exited with status 1 during start-up"),
         ("exits 0", Some(CLEAN), "exited with status 0 during start-up"),
-        ("times out", None, "did not become ready within 10s"),
+        (
+            "times out",
+            None,
+            "did not become ready within 10s; if the server never sends READY=1, set ready = \"listening\" (or \"auto\")",
+        ),
     ];
     for (what, exit, reason) in cases {
         let mut s = Sim::running(params(2));

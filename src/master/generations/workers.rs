@@ -62,7 +62,7 @@ impl Generations {
         let p = self.params_of(generation);
         let ready_at = match p.ready {
             Ready::Delay(d) => Some(clock::after(now, d)),
-            Ready::Notify => None,
+            Ready::Notify | Ready::Listening | Ready::Auto => None,
         };
         self.log(
             Level::Info,
@@ -183,8 +183,9 @@ impl Generations {
                 Effect::StartTimedOut => {
                     let tail = escaped(&w.tail);
                     let reason = format!(
-                        "worker pid {pid} did not become ready within {}",
-                        humantime::format_duration(w.start_timeout)
+                        "worker pid {pid} did not become ready within {}{}",
+                        humantime::format_duration(w.start_timeout),
+                        self.params_of(generation).ready.timeout_hint()
                     );
                     self.generation_failed(now, generation, slot, reason, tail);
                 }

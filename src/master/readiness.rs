@@ -1,0 +1,131 @@
+//! `ready = "listening"` and `"auto"` in the loop: while a worker of such a generation is
+//! starting, look at it ([`crate::worker::listening`]) on a schedule that is part of the loop's
+//! deadlines, and feed [`Event::WorkerReady`] once it waits on a listener — the same event a
+//! `READY=1` is.
+//!
+//! Cadence: right after the spawn (the next turn), then every millisecond for 20 ms (a server
+//! that is ready at once should not wait for a slower schedule: a reload's round trip is
+//! about 2 ms), every 5 ms for the rest of the first second, every 20 ms until 10 s, then
+//! every 50 ms. A look at a worker whose own process listens costs
+//! tens of microseconds (one `readdir` of its fds, one fdinfo per epoll fd, one `syscall` file
+//! per thread: docs/benchmarks.md); only a worker that does not listen itself, without a
+//! cgroup, costs a scan of `/proc/*/stat` for its process group. A watch ends when the worker
+//! is ready (either way), exits or stops starting; with no watch there is no deadline, so an
+//! idle master still never wakes.
+
+use super::*;
+use crate::worker::listening;
+
+/// Look again after this long, for a worker that started `age` ago.
+pub(super) fn interval(age: Duration) -> Duration {
+    if age < Duration::from_millis(20) {
+        Duration::from_millis(1)
+    } else if age < Duration::from_secs(1) {
+        Duration::from_millis(5)
+    } else if age < Duration::from_secs(10) {
+        Duration::from_millis(20)
+    } else {
+        Duration::from_millis(50)
+    }
+}
+
+/// A starting worker the loop looks at.
+pub(super) struct Watch {
+    pid: Pid,
+    /// Its listeners' socket inodes.
+    inodes: Vec<u64>,
+    /// Its cgroup directory, if it has one.
+    cgroup: Option<std::path::PathBuf>,
+    started: Instant,
+    next: Instant,
+    looks: u32,
+}
+
+impl Watch {
+    pub(super) fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    pub(super) fn new(w: &Worker, now: Instant) -> Watch {
+        Watch {
+            pid: w.pid,
+            // An fd the master holds cannot fail fstat; were it to, that listener is not
+            // looked for (the others are).
+            inodes: w
+                .listeners
+                .iter()
+                .filter_map(|l| listening::inode_of(l.raw_fd()).ok())
+                .collect(),
+            cgroup: w.cgroup.as_ref().map(|c| c.path().to_path_buf()),
+            started: now,
+            next: now,
+            looks: 0,
+        }
+    }
+}
+
+impl Master {
+    /// The mode of a worker's generation: the pending reload's config, or the serving one.
+    pub(super) fn ready_mode(&self, generation: u64) -> config::Ready {
+        match &self.pending {
+            Some(p) if p.generation == generation => p.config.worker.ready,
+            _ => self.config.worker.ready,
+        }
+    }
+
+    /// When the next look is due.
+    pub(super) fn next_look(&self) -> Option<Instant> {
+        self.watches.iter().map(|w| w.next).min()
+    }
+
+    /// Look at every worker whose look is due; the ones seen listening are ready.
+    pub(super) fn look_for_listening(&mut self) {
+        let now = Instant::now();
+        if self.next_look().is_none_or(|t| t > now) {
+            return;
+        }
+        let gens = &self.gens;
+        // Only workers still starting are looked at (ready by READY=1, exited, stopping: done).
+        self.watches.retain(|w| {
+            gens.worker(w.pid)
+                .is_some_and(|m| matches!(m.state, crate::worker::State::Starting { .. }))
+        });
+        let mut seen = Vec::new();
+        for w in self.watches.iter_mut().filter(|w| w.next <= now) {
+            w.looks += 1;
+            let age = now.saturating_duration_since(w.started);
+            let t0 = Instant::now();
+            let found = listening::find(w.pid, w.cgroup.as_deref(), &w.inodes);
+            let look_us = t0.elapsed().as_micros() as u64;
+            match found {
+                Some(s) => {
+                    debug!(self.log, "worker listening";
+                        "pid" => w.pid.as_raw(), "process" => s.pid, "kind" => s.kind.name(),
+                        "syscall" => s.syscall, "fd" => s.fd, "inode" => s.inode,
+                        "looks" => w.looks, "look_us" => look_us, "after_ms" => clock::ms(age));
+                    seen.push(w.pid);
+                }
+                None => w.next = clock::after(now, interval(age)),
+            }
+        }
+        self.watches.retain(|w| !seen.contains(&w.pid));
+        for pid in seen {
+            self.event(Event::WorkerReady { pid });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn looks_back_off_with_age() {
+        assert_eq!(interval(Duration::ZERO), Duration::from_millis(1));
+        assert_eq!(interval(Duration::from_millis(20)), Duration::from_millis(5));
+        assert_eq!(interval(Duration::from_millis(999)), Duration::from_millis(5));
+        assert_eq!(interval(Duration::from_secs(1)), Duration::from_millis(20));
+        assert_eq!(interval(Duration::from_secs(10)), Duration::from_millis(50));
+        assert_eq!(interval(Duration::from_secs(86_400)), Duration::from_millis(50));
+    }
+}
