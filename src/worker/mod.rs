@@ -11,6 +11,7 @@
 
 pub mod cgroup;
 pub mod notify;
+pub mod probe;
 pub mod relay;
 pub mod spawn;
 
