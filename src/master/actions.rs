@@ -121,11 +121,24 @@ impl Master {
                 });
             }
         }
+        // With a probe, the worker's private listener goes after every [[listen]] fd.
+        let probe = match &config.worker.probe {
+            Some(p) => Some(Rc::new(
+                Listener::bind_probe(&p.name).map_err(|e| format!("starting worker: probe {e}"))?,
+            )),
+            None => None,
+        };
+        let mut names: Vec<&str> = config.listen.iter().map(|l| l.name.as_str()).collect();
+        let mut fds = listeners.clone();
+        if let (Some(p), Some(l)) = (&config.worker.probe, &probe) {
+            names.push(&p.name);
+            fds.push(Rc::clone(l));
+        }
         let cgroup = self.cgroups.create(generation, slot);
         let spec = SpawnSpec {
             worker: &config.worker,
-            names: config.listen.iter().map(|l| l.name.as_str()).collect(),
-            listeners: &listeners,
+            names,
+            listeners: &fds,
             notify_socket: self.notify.path(),
             generation,
             slot,
@@ -151,6 +164,7 @@ impl Master {
             ],
             status_text: None,
             listeners,
+            probe,
             cgroup,
         });
         Ok(spawned.pid)
