@@ -23,14 +23,7 @@ impl Master {
                 Some(w) => w.kill_group(),
                 None => crate::worker::signal_group(pid, Signal::SIGKILL),
             },
-            // The probe runner comes with `[worker.probe]`; until a probe can be configured,
-            // the machine never asks for one.
-            Action::Probe { pid } => {
-                return Some(Event::ProbeFailed {
-                    pid,
-                    reason: "probes are not available in this build".into(),
-                })
-            }
+            Action::Probe { pid } => return self.start_probe(pid),
             Action::PrepareReload { generation, .. } => return Some(self.prepare_reload(generation)),
             Action::CommitReload { generation } => self.commit_reload(generation),
             Action::DiscardReload { generation, failed } => self.discard_reload(generation, failed),

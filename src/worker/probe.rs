@@ -95,6 +95,18 @@ impl Spec {
     }
 }
 
+/// The longest a cut-over probe can take to reach its verdict: every attempt's timeout (and
+/// a failing answer's excerpt wait), the delays between them, and a second of slack. The
+/// machine's backstop (`State::Probing`'s deadline); the probe always decides before.
+pub fn budget(c: &ProbeConfig) -> Duration {
+    let attempts = c.retries.saturating_add(1);
+    c.timeout
+        .saturating_add(EXCERPT_WAIT)
+        .saturating_mul(attempts)
+        .saturating_add(c.retry_delay.saturating_mul(c.retries))
+        .saturating_add(Duration::from_secs(1))
+}
+
 /// The status line of a response: its code and reason phrase.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
