@@ -315,11 +315,15 @@ fn http_get(port: u16) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// What one client thread saw: requests made, connection failures, answers (the body of a
+/// 200, else `status N`).
+type ClientResult = (u64, Vec<String>, Vec<String>);
+
 /// HTTP clients, a new connection per request, until stopped: every failure and the
 /// generations that answered.
 struct HttpLoad {
     stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<(u64, Vec<String>, Vec<String>)>>,
+    threads: Vec<std::thread::JoinHandle<ClientResult>>,
 }
 
 impl HttpLoad {
