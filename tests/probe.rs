@@ -250,6 +250,40 @@ fn a_serving_worker_that_keeps_missing_its_probe_is_replaced() {
     stop(&z);
 }
 
+/// `zdd upgrade` hands each worker's probe listener over: the serving worker's interval probes
+/// go on through it, and the next reload is probed as before.
+#[test]
+fn probes_go_on_after_an_upgrade() {
+    let port = free_port();
+    let probe = "http = \"/healthz\"\ntimeout = \"1s\"\ninterval = \"100ms\"\n";
+    let z = Zdd::new(&daemon_config(
+        port,
+        &["--ready", "--serve", "--http-status", "200"],
+        &format!("env = {{ FIXTURE_EVENTS = \"{{dir}}/events\" }}\n[worker.probe]\n{probe}"),
+    ));
+    start(&z);
+    let first = worker_pids(&z)[0];
+    let answered = || {
+        std::fs::read_to_string(z.path("events"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{first} http ")))
+            .count()
+    };
+    wait_for("an interval probe", DEADLINE, || (answered() >= 2).then_some(()));
+    let o = zdd(&z, &["upgrade"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let after = answered();
+    wait_for("interval probes after the upgrade", DEADLINE, || {
+        (answered() >= after + 3).then_some(())
+    });
+    assert!(records(&z, "probe missed").is_empty(), "{}", z.log_text());
+    let o = zdd(&z, &["reload"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(ask_gen(addr(port), 2), worker_pids(&z)[1]);
+    stop(&z);
+}
+
 #[test]
 fn bad_probe_tables_are_refused_with_their_position() {
     let cases = [
