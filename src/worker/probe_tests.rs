@@ -306,3 +306,27 @@ fn the_probe_listener_is_loopback_cloexec_and_listening() {
     assert_ne!(flags & libc::FD_CLOEXEC, 0);
     assert_eq!(l.accept_queue(), Ok(0));
 }
+
+#[test]
+fn budget_covers_every_attempt_and_serving_probes_try_once() {
+    let c = ProbeConfig {
+        check: ProbeCheck::Tcp,
+        timeout: Duration::from_secs(5),
+        retries: 3,
+        retry_delay: Duration::from_millis(500),
+        name: "zdd-probe".into(),
+        interval: Some(Duration::from_secs(10)),
+        failures: 3,
+    };
+    // 4 × (5s + 250ms) + 3 × 500ms + 1s
+    assert_eq!(budget(&c), Duration::from_millis(23_500));
+    assert_eq!(Spec::cut_over(&c).attempts, 4);
+    assert_eq!(Spec::serving(&c).attempts, 1);
+    let huge = ProbeConfig {
+        timeout: crate::config::MAX_DURATION,
+        retries: 100,
+        retry_delay: crate::config::MAX_DURATION,
+        ..c
+    };
+    assert!(budget(&huge) > crate::config::MAX_DURATION);
+}
