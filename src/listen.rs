@@ -27,6 +27,9 @@ use nix::unistd::fchownat;
 use crate::config::{ListenAddr, ListenConfig};
 use crate::errno::describe;
 
+/// The backlog of a worker's private probe listener: only the master connects to it.
+pub const PROBE_BACKLOG: i32 = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
     #[error("listener {name:?}: {op} {addr}: {}", describe(*errno))]
@@ -124,6 +127,57 @@ impl Listener {
         l.apply_file_settings(cfg)?;
         listen(&l.fd, Backlog::new(cfg.backlog).unwrap_or(Backlog::MAXCONN)).map_err(|e| sys("listen", e))?;
         Ok(l)
+    }
+
+    /// A worker's private probe listener (`[worker.probe]`): TCP on `127.0.0.1:0`, a small
+    /// backlog, close-on-exec like every other; its [`Listener::addr`] is the port the kernel
+    /// chose. It is left blocking: the open file description is shared with the worker, which
+    /// may `accept` on it the blocking way (the master never accepts on it, it only connects
+    /// to it and, for `tcp = true`, reads its accept queue with [`Listener::accept_queue`]).
+    pub fn bind_probe(name: &str) -> Result<Listener, ListenError> {
+        let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let sys = |op: &'static str, errno: Errno| ListenError::Sys {
+            name: name.to_string(),
+            op,
+            addr: any.to_string(),
+            errno,
+        };
+        let fd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|e| sys("socket", e))?;
+        let std::net::SocketAddr::V4(v4) = any else {
+            return Err(sys("bind", Errno::EAFNOSUPPORT));
+        };
+        bind(fd.as_raw_fd(), &SockaddrIn::from(v4)).map_err(|e| sys("bind", e))?;
+        listen(&fd, Backlog::new(PROBE_BACKLOG).unwrap_or(Backlog::MAXCONN)).map_err(|e| sys("listen", e))?;
+        let addr = bound_addr(&fd).ok_or_else(|| sys("getsockname", Errno::EINVAL))?;
+        Ok(Listener {
+            fd,
+            addr,
+            created: None,
+            backlog: std::cell::Cell::new(PROBE_BACKLOG),
+        })
+    }
+
+    /// Connections waiting in this listening TCP socket's accept queue: `tcpi_unacked` of
+    /// `getsockopt(TCP_INFO)`, which for a socket in the LISTEN state is the queue's length.
+    pub fn accept_queue(&self) -> Result<u32, Errno> {
+        // SAFETY: tcp_info is plain data; zeroed is a valid value.
+        let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
+        // SAFETY: a valid pointer to `info` and its length, which the kernel fills at most.
+        let r = unsafe {
+            nix::libc::getsockopt(
+                self.fd.as_raw_fd(),
+                nix::libc::IPPROTO_TCP,
+                nix::libc::TCP_INFO,
+                (&mut info as *mut nix::libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            return Err(Errno::last());
+        }
+        Ok(info.tcpi_unacked)
     }
 
     /// What an upgrade hands to the next master image: the fd number and the identity.

@@ -241,7 +241,11 @@ fn an_upgrade_after_a_reload_that_moved_the_control_socket_keeps_the_running_soc
     let o = at_old(&["reload"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("this master runs"), "{}", stderr(&o));
-    let pid: i32 = std::fs::read_to_string(z.path("run/app.pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(z.path("run/app.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP).unwrap();
     ask_gen(addr, 2);
     let o = at_old(&["upgrade"]);

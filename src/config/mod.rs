@@ -188,7 +188,42 @@ pub struct WorkerConfig {
     pub stable_after: Duration,
     pub umask: Option<u32>,
     pub compat: Vec<Compat>,
+    /// `[worker.probe]`: each new worker must answer it before the old generation stops.
+    pub probe: Option<ProbeConfig>,
 }
+
+/// What a probe asks of a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeCheck {
+    /// `GET {path}` with `Host: {host}`; passed when the status is in `status` (inclusive).
+    Http {
+        path: String,
+        host: String,
+        status: (u16, u16),
+    },
+    /// Passed when the worker has accepted the probe's connection.
+    Tcp,
+}
+
+/// `[worker.probe]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeConfig {
+    pub check: ProbeCheck,
+    /// One attempt: connect, request, status line and headers.
+    pub timeout: Duration,
+    /// Failed attempts tolerated after the first.
+    pub retries: u32,
+    pub retry_delay: Duration,
+    /// The private listener's `LISTEN_FDNAMES` entry.
+    pub name: String,
+    /// Keep probing each serving worker this often.
+    pub interval: Option<Duration>,
+    /// With `interval`: consecutive misses before the worker is replaced.
+    pub failures: u32,
+}
+
+/// The default `[worker.probe] name`.
+pub const PROBE_NAME: &str = "zdd-probe";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rlimit {
@@ -329,6 +364,22 @@ pub fn parse_with(path: &Path, text: &str, checks: Checks) -> Result<Config, Con
             "worker.ready",
             "ready = \"listening\" needs at least one [[listen]]: a worker without listeners is never seen listening",
         ));
+    }
+    if let (Some(probe), Some(raw_probe)) = (
+        &worker.probe,
+        raw.worker.as_ref().and_then(|w| w.get_ref().probe.as_ref()),
+    ) {
+        if names.contains(&probe.name) {
+            let span = raw_probe.get_ref().name.as_ref().map_or(raw_probe.span(), |n| n.span());
+            return Err(src.err(
+                span,
+                "worker.probe.name",
+                format!(
+                    "{} is also a [[listen]] name; the probe's fd needs a LISTEN_FDNAMES entry of its own",
+                    shown(&probe.name)
+                ),
+            ));
+        }
     }
     Ok(Config {
         path: path.to_path_buf(),

@@ -56,6 +56,31 @@ pub(super) struct RawWorker {
     pub(super) umask: Option<Spanned<Octal>>,
     #[serde(default)]
     pub(super) compat: Vec<Spanned<String>>,
+    pub(super) probe: Option<Spanned<RawProbe>>,
+}
+
+/// `[worker.probe]`: the health check of each new worker before the cut-over.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProbe {
+    pub(super) http: Option<Spanned<String>>,
+    pub(super) tcp: Option<Spanned<bool>>,
+    pub(super) status: Option<Spanned<RawStatus>>,
+    pub(super) host: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) retries: Option<Spanned<i64>>,
+    pub(super) retry_delay: Option<Spanned<String>>,
+    pub(super) name: Option<Spanned<String>>,
+    pub(super) interval: Option<Spanned<String>>,
+    pub(super) failures: Option<Spanned<i64>>,
+}
+
+/// An accepted status: `"200-399"`, `"200"` or a TOML integer such as `204`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawStatus {
+    Int(i64),
+    Text(String),
 }
 
 #[derive(Deserialize)]

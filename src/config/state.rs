@@ -25,8 +25,8 @@ use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    rlimit_resource, Compat, Config, Credentials, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig, Ready,
-    ReloadMode, Restart, Rlimit, WorkerConfig,
+    rlimit_resource, Compat, Config, Credentials, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig,
+    ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig,
 };
 
 /// [`Config`] as data.
@@ -90,6 +90,71 @@ pub struct WorkerState {
     pub stable_after: Duration,
     pub umask: Option<u32>,
     pub compat: Vec<CompatState>,
+    /// Absent in a state written by a zdd without probes: none configured.
+    #[serde(default)]
+    pub probe: Option<ProbeState>,
+}
+
+/// [`ProbeConfig`] as data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProbeState {
+    pub check: ProbeCheckState,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub retry_delay: Duration,
+    pub name: String,
+    pub interval: Option<Duration>,
+    pub failures: u32,
+}
+
+/// [`ProbeCheck`] as data: `"tcp"` or `{"http": {"path": …, "host": …, "status": [200, 399]}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeCheckState {
+    Http {
+        path: String,
+        host: String,
+        status: (u16, u16),
+    },
+    Tcp,
+}
+
+impl From<&ProbeConfig> for ProbeState {
+    fn from(p: &ProbeConfig) -> Self {
+        ProbeState {
+            check: match &p.check {
+                ProbeCheck::Http { path, host, status } => ProbeCheckState::Http {
+                    path: path.clone(),
+                    host: host.clone(),
+                    status: *status,
+                },
+                ProbeCheck::Tcp => ProbeCheckState::Tcp,
+            },
+            timeout: p.timeout,
+            retries: p.retries,
+            retry_delay: p.retry_delay,
+            name: p.name.clone(),
+            interval: p.interval,
+            failures: p.failures,
+        }
+    }
+}
+
+impl From<ProbeState> for ProbeConfig {
+    fn from(p: ProbeState) -> Self {
+        ProbeConfig {
+            check: match p.check {
+                ProbeCheckState::Http { path, host, status } => ProbeCheck::Http { path, host, status },
+                ProbeCheckState::Tcp => ProbeCheck::Tcp,
+            },
+            timeout: p.timeout,
+            retries: p.retries,
+            retry_delay: p.retry_delay,
+            name: p.name,
+            interval: p.interval,
+            failures: p.failures,
+        }
+    }
 }
 
 fn default_stable_after() -> Duration {
@@ -221,6 +286,7 @@ impl From<&Config> for ConfigState {
                         Compat::ServerStarter => CompatState::ServerStarter,
                     })
                     .collect(),
+                probe: w.probe.as_ref().map(ProbeState::from),
             },
             rlimits: c
                 .rlimits
@@ -332,6 +398,7 @@ impl ConfigState {
                         CompatState::ServerStarter => Compat::ServerStarter,
                     })
                     .collect(),
+                probe: w.probe.map(ProbeConfig::from),
             },
             rlimits,
             listen: listen
@@ -398,6 +465,26 @@ mod tests {
         let json = serde_json::to_string(&state).unwrap();
         let back: ConfigState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, state);
+        assert_eq!(back.into_config(), Ok(c));
+    }
+
+    /// A state written by a zdd without probes (no `probe` key) still reads: no probe.
+    #[test]
+    fn a_state_without_probe_reads_as_none() {
+        let mut v = serde_json::to_value(ConfigState::from(&every_key())).unwrap();
+        assert!(v["worker"]["probe"].is_object());
+        v["worker"].as_object_mut().unwrap().remove("probe");
+        let back: ConfigState = serde_json::from_value(v).unwrap();
+        assert_eq!(back.worker.probe, None);
+        assert_eq!(back.into_config().unwrap().worker.probe, None);
+    }
+
+    #[test]
+    fn a_tcp_probe_survives_the_round_trip() {
+        let text = "[worker]\ncommand = [\"/bin/true\"]\n[worker.probe]\ntcp = true\ninterval = \"2s\"\n";
+        let c = config::parse(Path::new("/etc/zdd/app.toml"), text).unwrap();
+        let json = serde_json::to_string(&ConfigState::from(&c)).unwrap();
+        let back: ConfigState = serde_json::from_str(&json).unwrap();
         assert_eq!(back.into_config(), Ok(c));
     }
 

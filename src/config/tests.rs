@@ -59,6 +59,16 @@ max_surge = 2
 stable_after = "10s"
 umask = "0027"
 compat = ["einhorn", "server_starter"]
+[worker.probe]
+http = "/healthz?full=1"
+status = "200-299"
+host = "app.internal"
+timeout = "2s"
+retries = 5
+retry_delay = "100ms"
+name = "health"
+interval = "10s"
+failures = 2
 [rlimits]
 nofile = 4096
 core = { soft = 0, hard = "infinity" }
@@ -103,6 +113,179 @@ fn every_key_is_read() {
     assert_eq!(c.listen[1].addr, ListenAddr::Unix("/etc/zdd/admin.sock".into()));
     assert_eq!(c.listen[1].mode, Some(0o660));
     assert_eq!(c.listen[2].addr, ListenAddr::Abstract("zdd-test".into()));
+    let probe = c.worker.probe.as_ref().unwrap();
+    assert_eq!(
+        probe.check,
+        ProbeCheck::Http {
+            path: "/healthz?full=1".into(),
+            host: "app.internal".into(),
+            status: (200, 299)
+        }
+    );
+    assert_eq!(probe.timeout, Duration::from_secs(2));
+    assert_eq!((probe.retries, probe.failures), (5, 2));
+    assert_eq!(probe.retry_delay, Duration::from_millis(100));
+    assert_eq!(probe.name, "health");
+    assert_eq!(probe.interval, Some(Duration::from_secs(10)));
+}
+
+const PROBE_HEAD: &str =
+    "[worker]\ncommand = [\"/bin/true\"]\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:8080\"\n[worker.probe]\n";
+
+#[test]
+fn probe_defaults() {
+    let c = p(&format!("{PROBE_HEAD}http = \"/healthz\"\n")).unwrap();
+    let probe = c.worker.probe.unwrap();
+    assert_eq!(
+        probe.check,
+        ProbeCheck::Http {
+            path: "/healthz".into(),
+            host: "localhost".into(),
+            status: (200, 399)
+        }
+    );
+    assert_eq!(probe.timeout, Duration::from_secs(5));
+    assert_eq!(probe.retries, 3);
+    assert_eq!(probe.retry_delay, Duration::from_millis(500));
+    assert_eq!(probe.name, PROBE_NAME);
+    assert_eq!(probe.interval, None);
+    assert_eq!(probe.failures, 3);
+    assert_eq!(p(MIN).unwrap().worker.probe, None);
+    let tcp = p(&format!("{PROBE_HEAD}tcp = true\nretries = 0\n"))
+        .unwrap()
+        .worker
+        .probe
+        .unwrap();
+    assert_eq!((tcp.check, tcp.retries), (ProbeCheck::Tcp, 0));
+}
+
+#[test]
+fn probe_status_forms() {
+    for (v, want) in [
+        ("\"200\"", (200, 200)),
+        ("\"200-299\"", (200, 299)),
+        ("204", (204, 204)),
+        ("\"100-599\"", (100, 599)),
+    ] {
+        let c = p(&format!("{PROBE_HEAD}http = \"/\"\nstatus = {v}\n")).unwrap();
+        match c.worker.probe.unwrap().check {
+            ProbeCheck::Http { status, .. } => assert_eq!(status, want, "{v}"),
+            ProbeCheck::Tcp => panic!("tcp"),
+        }
+    }
+}
+
+/// Line 7 is the first line inside `[worker.probe]` of [`PROBE_HEAD`].
+#[test]
+fn bad_probes_are_rejected_with_key_and_position() {
+    let cases = [
+        ("http = \"/h\"\ntcp = true", "worker.probe", "7:8", "not both"),
+        (
+            "timeout = \"1s\"",
+            "worker.probe",
+            "6:1",
+            "needs http = \"/path\" or tcp = true",
+        ),
+        ("tcp = false", "worker.probe", "6:1", "needs http"),
+        ("http = \"healthz\"", "worker.probe.http", "7:8", "not a request path"),
+        ("http = \"/a b\"", "worker.probe.http", "7:8", "not a request path"),
+        (
+            "http = \"/\"\nstatus = \"299-200\"",
+            "worker.probe.status",
+            "8:10",
+            "299 is above 200",
+        ),
+        (
+            "http = \"/\"\nstatus = \"2xx\"",
+            "worker.probe.status",
+            "8:10",
+            "expected a status",
+        ),
+        (
+            "http = \"/\"\nstatus = 700",
+            "worker.probe.status",
+            "8:10",
+            "expected a status",
+        ),
+        (
+            "http = \"/\"\nstatus = \"200-\"",
+            "worker.probe.status",
+            "8:10",
+            "expected a status",
+        ),
+        (
+            "tcp = true\nstatus = 200",
+            "worker.probe.status",
+            "8:10",
+            "only applies to http probes",
+        ),
+        (
+            "tcp = true\nhost = \"x\"",
+            "worker.probe.host",
+            "8:8",
+            "only applies to http probes",
+        ),
+        ("http = \"/\"\nhost = \"a b\"", "worker.probe.host", "8:8", "printable"),
+        (
+            "http = \"/\"\ntimeout = \"0s\"",
+            "worker.probe.timeout",
+            "8:11",
+            "longer than 0s",
+        ),
+        (
+            "http = \"/\"\ntimeout = \"25h\"",
+            "worker.probe.timeout",
+            "8:11",
+            "maximum of 24h",
+        ),
+        (
+            "http = \"/\"\ninterval = \"0s\"",
+            "worker.probe.interval",
+            "8:12",
+            "longer than 0s",
+        ),
+        (
+            "http = \"/\"\nretries = -1",
+            "worker.probe.retries",
+            "8:11",
+            "between 0 and 100",
+        ),
+        (
+            "http = \"/\"\nfailures = 2",
+            "worker.probe.failures",
+            "8:12",
+            "only used with interval",
+        ),
+        (
+            "http = \"/\"\ninterval = \"1s\"\nfailures = 0",
+            "worker.probe.failures",
+            "9:12",
+            "between 1 and 100",
+        ),
+        (
+            "http = \"/\"\nname = \"a:b\"",
+            "worker.probe.name",
+            "8:8",
+            "without ':'",
+        ),
+        (
+            "http = \"/\"\nname = \"http\"",
+            "worker.probe.name",
+            "8:8",
+            "\"http\" is also a [[listen]] name",
+        ),
+        ("http = \"/\"\nname = \"\"", "worker.probe.name", "8:8", "printable"),
+        ("http = \"/\"\npath = \"/x\"", "", "8:1", "unknown field `path`"),
+    ];
+    for (body, key, pos, msg) in cases {
+        let e = err(&format!("{PROBE_HEAD}{body}\n"));
+        let head = if key.is_empty() {
+            format!("/etc/zdd/app.toml:{pos}: ")
+        } else {
+            format!("/etc/zdd/app.toml:{pos}: {key}: ")
+        };
+        assert!(e.starts_with(&head) && e.contains(msg), "{body}: {e}");
+    }
 }
 
 #[test]

@@ -15,11 +15,49 @@ use super::checks::{
     check_cwd, check_log_path, check_program, check_rlimit, check_runtime_dir, default_runtime_dir, lookup_group,
     lookup_user, rlimit_resource, Checks, RLIMIT_NAMES,
 };
-use super::raw::{LimitValue, Octal, RawLimit, RawListen, RawMaster, RawWorker, Source};
+use super::raw::{LimitValue, Octal, RawLimit, RawListen, RawMaster, RawProbe, RawStatus, RawWorker, Source};
 use super::{
-    cut, shown, Compat, ConfigError, Credentials, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig, Ready,
-    ReloadMode, Restart, Rlimit, WorkerConfig, MAX_ARGS_TOTAL, MAX_ARG_LEN, MAX_DURATION, MAX_SHOWN,
+    cut, shown, Compat, ConfigError, Credentials, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig,
+    ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig, MAX_ARGS_TOTAL, MAX_ARG_LEN,
+    MAX_DURATION, MAX_SHOWN, PROBE_NAME,
 };
+
+/// A `LISTEN_FDNAMES` entry: 1 to 255 printable ASCII characters without ':'.
+fn valid_fd_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && !name.contains(':')
+}
+
+/// An accepted status range: `"200"`, `"200-299"`, or an integer; each bound 100 to 599.
+pub(super) fn parse_status(v: &RawStatus) -> Result<(u16, u16), String> {
+    let code = |s: &str| s.trim().parse::<u16>().ok().filter(|c| (100..=599).contains(c));
+    let bad = |s: &str| {
+        format!(
+            "expected a status such as \"200\" or a range such as \"200-399\" (100 to 599), got {}",
+            shown(s)
+        )
+    };
+    match v {
+        RawStatus::Int(i) => u16::try_from(*i)
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+            .map(|c| (c, c))
+            .ok_or_else(|| bad(&i.to_string())),
+        RawStatus::Text(s) => {
+            let (lo, hi) = match s.split_once('-') {
+                Some((a, b)) => (code(a), code(b)),
+                None => (code(s), code(s)),
+            };
+            match (lo, hi) {
+                (Some(lo), Some(hi)) if lo <= hi => Ok((lo, hi)),
+                (Some(lo), Some(hi)) => Err(format!("range {}: {lo} is above {hi}", shown(s))),
+                _ => Err(bad(s)),
+            }
+        }
+    }
+}
 
 pub(super) struct Validator<'a> {
     pub(super) src: &'a Source<'a>,
@@ -420,6 +458,7 @@ impl Validator<'_> {
                 }
             });
         }
+        let probe = w.probe.as_ref().map(|p| self.probe(p)).transpose()?;
         Ok(WorkerConfig {
             command,
             cwd,
@@ -435,6 +474,122 @@ impl Validator<'_> {
             stable_after,
             umask,
             compat,
+            probe,
+        })
+    }
+
+    /// A count between `min` and `max`, or `default`.
+    fn count(&self, v: &Option<Spanned<i64>>, key: &str, default: u32, min: u32, max: u32) -> Result<u32, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(n) => u32::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| (min..=max).contains(n))
+                .ok_or_else(|| self.err(n.span(), key, format!("must be between {min} and {max}"))),
+        }
+    }
+
+    pub(super) fn probe(&self, p: &Spanned<RawProbe>) -> Result<ProbeConfig, ConfigError> {
+        let span = p.span();
+        let p = p.get_ref();
+        let tcp = p.tcp.as_ref().filter(|t| *t.get_ref());
+        let check = match (&p.http, tcp) {
+            (Some(h), None) => {
+                let path = h.get_ref();
+                if !path.starts_with('/') || path.len() > 1024 || !path.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(self.err(
+                        h.span(),
+                        "worker.probe.http",
+                        format!(
+                            "{} is not a request path such as \"/healthz\" (it starts with '/', at most 1024 \
+                             printable ASCII characters, no spaces)",
+                            shown(path)
+                        ),
+                    ));
+                }
+                let host = match &p.host {
+                    None => "localhost".to_string(),
+                    Some(h) => {
+                        let v = h.get_ref();
+                        if v.is_empty() || v.len() > 255 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                            return Err(self.err(
+                                h.span(),
+                                "worker.probe.host",
+                                "must be 1 to 255 printable ASCII characters without spaces",
+                            ));
+                        }
+                        v.clone()
+                    }
+                };
+                let status = match &p.status {
+                    None => (200, 399),
+                    Some(s) => parse_status(s.get_ref()).map_err(|m| self.err(s.span(), "worker.probe.status", m))?,
+                };
+                ProbeCheck::Http {
+                    path: path.clone(),
+                    host,
+                    status,
+                }
+            }
+            (None, Some(_)) => {
+                for (v, key) in [
+                    (p.status.as_ref().map(|s| s.span()), "worker.probe.status"),
+                    (p.host.as_ref().map(|s| s.span()), "worker.probe.host"),
+                ] {
+                    if let Some(s) = v {
+                        return Err(self.err(s, key, "only applies to http probes"));
+                    }
+                }
+                ProbeCheck::Tcp
+            }
+            (Some(h), Some(_)) => {
+                return Err(self.err(
+                    h.span(),
+                    "worker.probe",
+                    "give either http = \"/path\" or tcp = true, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(self.err(span, "worker.probe", "needs http = \"/path\" or tcp = true"));
+            }
+        };
+        let timeout = self.duration(&p.timeout, "worker.probe.timeout", Duration::from_secs(5), true)?;
+        let retries = self.count(&p.retries, "worker.probe.retries", 3, 0, 100)?;
+        let retry_delay = self.duration(
+            &p.retry_delay,
+            "worker.probe.retry_delay",
+            Duration::from_millis(500),
+            false,
+        )?;
+        let name = match &p.name {
+            None => PROBE_NAME.to_string(),
+            Some(n) if valid_fd_name(n.get_ref()) => n.get_ref().clone(),
+            Some(n) => {
+                return Err(self.err(
+                    n.span(),
+                    "worker.probe.name",
+                    "must be 1 to 255 printable ASCII characters without ':'",
+                ))
+            }
+        };
+        let interval = match &p.interval {
+            None => None,
+            some => Some(self.duration(some, "worker.probe.interval", Duration::ZERO, true)?),
+        };
+        if interval.is_none() {
+            if let Some(f) = &p.failures {
+                return Err(self.err(f.span(), "worker.probe.failures", "only used with interval"));
+            }
+        }
+        let failures = self.count(&p.failures, "worker.probe.failures", 3, 1, 100)?;
+        Ok(ProbeConfig {
+            check,
+            timeout,
+            retries,
+            retry_delay,
+            name,
+            interval,
+            failures,
         })
     }
 
@@ -489,11 +644,7 @@ impl Validator<'_> {
         let span = l.span();
         let l = l.get_ref();
         let name = l.name.get_ref();
-        if name.is_empty()
-            || name.len() > 255
-            || !name.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
-            || name.contains(':')
-        {
+        if !valid_fd_name(name) {
             return Err(self.err(
                 l.name.span(),
                 "listen.name",

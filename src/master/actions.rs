@@ -23,14 +23,7 @@ impl Master {
                 Some(w) => w.kill_group(),
                 None => crate::worker::signal_group(pid, Signal::SIGKILL),
             },
-            // The probe runner comes with `[worker.probe]`; until a probe can be configured,
-            // the machine never asks for one.
-            Action::Probe { pid } => {
-                return Some(Event::ProbeFailed {
-                    pid,
-                    reason: "probes are not available in this build".into(),
-                })
-            }
+            Action::Probe { pid } => return self.start_probe(pid),
             Action::PrepareReload { generation, .. } => return Some(self.prepare_reload(generation)),
             Action::CommitReload { generation } => self.commit_reload(generation),
             Action::DiscardReload { generation, failed } => self.discard_reload(generation, failed),
@@ -121,11 +114,24 @@ impl Master {
                 });
             }
         }
+        // With a probe, the worker's private listener goes after every [[listen]] fd.
+        let probe = match &config.worker.probe {
+            Some(p) => Some(Rc::new(
+                Listener::bind_probe(&p.name).map_err(|e| format!("starting worker: probe {e}"))?,
+            )),
+            None => None,
+        };
+        let mut names: Vec<&str> = config.listen.iter().map(|l| l.name.as_str()).collect();
+        let mut fds = listeners.clone();
+        if let (Some(p), Some(l)) = (&config.worker.probe, &probe) {
+            names.push(&p.name);
+            fds.push(Rc::clone(l));
+        }
         let cgroup = self.cgroups.create(generation, slot);
         let spec = SpawnSpec {
             worker: &config.worker,
-            names: config.listen.iter().map(|l| l.name.as_str()).collect(),
-            listeners: &listeners,
+            names,
+            listeners: &fds,
             notify_socket: self.notify.path(),
             generation,
             slot,
@@ -151,6 +157,7 @@ impl Master {
             ],
             status_text: None,
             listeners,
+            probe,
             cgroup,
         });
         if config.worker.ready.watches_listening() {

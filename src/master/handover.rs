@@ -104,6 +104,9 @@ pub struct WorkerState {
     /// Its cgroup (cgroup.rs), if it has one.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// Its private probe listener (`[worker.probe]`): an index into [`State::listeners`].
+    #[serde(default)]
+    pub probe: Option<usize>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -8,6 +8,8 @@
 //! it into events, in this fixed order: signals → reaping children → readiness messages →
 //! control requests → log lines → due looks at starting workers (`ready = "listening"`,
 //! [`readiness`]) → the upgrade check's deadline.
+//! control requests → log lines → the workers' probes (probes.rs) → the upgrade check's
+//! deadline.
 //!
 //! The loop carries out the machine's actions ([`actions`]): spawn, signal, prepare, commit or
 //! discard a reload ([`reload`]), reply, log, tell systemd; what an action produced (a pid, a
@@ -54,6 +56,7 @@ mod commands;
 mod generations;
 pub mod handover;
 mod pipes;
+mod probes;
 mod readiness;
 mod reload;
 mod signals;
@@ -124,6 +127,8 @@ pub struct Master {
     control_paused_until: Option<Instant>,
     /// The new binary being checked before an upgrade's exec.
     upgrade_check: Option<UpgradeCheck>,
+    /// The workers' probes in flight and the schedule of `interval` probes (probes.rs).
+    probes: probes::Probes,
     /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
     systemd: Option<SystemdNotifier>,
     /// The workers' cgroups (cgroup.rs); removed at stop, before the pid-file lock goes.
@@ -200,6 +205,7 @@ impl Master {
             worker_nofile: p.worker_nofile,
             control_paused_until: None,
             upgrade_check: None,
+            probes: probes::Probes::default(),
             systemd: SystemdNotifier::from_env(),
             cgroups: p.cgroups,
             pid_file: p.pid_file,
@@ -231,6 +237,7 @@ impl Master {
             // Hang up on every connection whose result went out this turn, wherever it was
             // sent: a client returns when it sees the hang-up.
             self.conns.retain(|_, c| !c.dead);
+            self.prepare_probes();
             let ready = self.poll();
             for sig in self.signals.take() {
                 self.on_signal(sig);
@@ -241,6 +248,7 @@ impl Master {
             self.serve_control(&ready);
             self.pump_pipes(&ready);
             self.look_for_listening();
+            self.service_probes();
             if self
                 .upgrade_check
                 .as_ref()
@@ -322,6 +330,8 @@ impl Master {
                 revents: 0,
             });
         }
+        // The probes' sockets, connecting (POLLOUT) or waiting for the answer (POLLIN).
+        self.probes.add_to_poll(&mut fds);
         let timeout = self.next_deadline().map_or(-1, |d| {
             let left = d.saturating_duration_since(Instant::now());
             // Round up, so that we never wake just before a deadline and spin.
@@ -330,8 +340,10 @@ impl Master {
         // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of the given length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n <= 0 {
+            self.probes.after_poll(&[]);
             return Vec::new();
         }
+        self.probes.after_poll(&fds);
         // A client that hung up while it waits for a result (it sent its request, so nothing
         // is read from it any more) would be reported on every poll, and the loop would spin
         // until the result: it is gone, drop it; the action it asked for goes on.
@@ -354,6 +366,7 @@ impl Master {
             .chain(self.control_paused_until)
             .chain(self.upgrade_check.as_ref().map(|c| c.deadline))
             .chain(self.next_look())
+            .chain(self.probes.next_deadline())
             .min()
     }
 
@@ -425,6 +438,7 @@ impl Master {
         };
         let mut w = self.workers.remove(i);
         self.watches.retain(|x| x.pid() != pid);
+        self.probes.forget(pid);
         // Whatever was left in its process group was killed before reaping (`reap`); its
         // cgroup, with any descendant that escaped the group, goes with it now.
         if let Some(cg) = w.cgroup.take() {

@@ -158,6 +158,7 @@ impl Master {
                     tail: w.tail.iter().cloned().collect(),
                     status_text: io.status_text.clone(),
                     cgroup: io.cgroup.as_ref().map(|c| c.path().to_path_buf()),
+                    probe: io.probe.as_ref().map(&mut index),
                 }
             })
             .collect();
@@ -332,6 +333,7 @@ impl Master {
                 status_text: w.status_text,
                 listeners: w.listeners.iter().filter_map(|&i| all.get(i).cloned()).collect(),
                 cgroup: w.cgroup.map(crate::worker::cgroup::WorkerCgroup::from_path),
+                probe: w.probe.and_then(|i| all.get(i).cloned()),
             });
         }
         let slots = state

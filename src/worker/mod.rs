@@ -12,6 +12,7 @@
 pub mod cgroup;
 pub mod listening;
 pub mod notify;
+pub mod probe;
 pub mod relay;
 pub mod spawn;
 
@@ -221,6 +222,10 @@ pub struct Worker {
     pub status_text: Option<String>,
     /// The sockets it received; holding them keeps them open while it runs.
     pub listeners: Vec<Rc<Listener>>,
+    /// Its private probe listener (`[worker.probe]`), the last fd it received: the master's
+    /// copy, which it probes through; closed when the worker is reaped, so that its port
+    /// cannot go to anyone else while the worker lives.
+    pub probe: Option<Rc<Listener>>,
     /// Its own cgroup, where the master could create one: SIGKILL reaches every descendant
     /// there, even one that left the process group.
     pub cgroup: Option<crate::worker::cgroup::WorkerCgroup>,

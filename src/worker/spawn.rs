@@ -19,6 +19,14 @@
 //!    clears it), and a check that the master did not die meanwhile;
 //! 6. rlimits, umask, cwd, and exec.
 //!
+//! With `[worker.probe]`, the caller adds the worker's private probe listener (127.0.0.1, a
+//! port of its own, `Listener::bind_probe`) as the last entry of `listeners` and its `name` as
+//! the last of `names`: it becomes the fd after every `[[listen]]` fd, counted in `LISTEN_FDS`
+//! and named in `LISTEN_FDNAMES` (fd 3 stays the first `[[listen]]`). The compat variables
+//! describe the same fds: `EINHORN_FD_COUNT` counts it and `EINHORN_FD_<n>` names it, and
+//! `SERVER_STARTER_PORT` ends with `127.0.0.1:<port>=<fd>`, so that a server written for
+//! einhorn or Server::Starter that serves every socket it is given answers the probe too.
+//!
 //! A step that fails writes (step, errno) to a close-on-exec pipe and exits 127; the master
 //! reads that pipe until EOF (exec closes it), so exec errors are reported precisely and
 //! synchronously: `exec /no/such/server: no such file or directory (ENOENT)`. That read is

@@ -350,13 +350,18 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
-/// Connect, read the fixture's "<pid> <generation>" answer.
+/// Connect, read the fixture's "<pid> <generation>" answer (the body of an HTTP answer, with
+/// `--http-status`).
 pub fn ask(addr: SocketAddr) -> std::io::Result<(i32, u64)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
-    let mut it = out.split_whitespace();
+    let body = match out.split_once("\r\n\r\n") {
+        Some((_, body)) if out.starts_with("HTTP/") => body,
+        _ => &out,
+    };
+    let mut it = body.split_whitespace();
     let pid = it.next().and_then(|p| p.parse().ok());
     let gen = it.next().and_then(|g| g.parse().ok());
     match (pid, gen) {

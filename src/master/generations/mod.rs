@@ -86,7 +86,7 @@ impl Params {
             stop_signal: w.stop_signal,
             stop_timeout: w.stop_timeout,
             max_draining: config.master.max_draining,
-            probe: None,
+            probe: w.probe.as_ref().map(crate::worker::probe::budget),
             rolling: match w.reload {
                 crate::config::ReloadMode::AllAtOnce => None,
                 crate::config::ReloadMode::Rolling { max_surge } => Some(max_surge),
@@ -171,7 +171,6 @@ pub enum Event {
         pid: Pid,
     },
     /// The probe the loop ran for [`Action::Probe`] passed.
-    #[allow(dead_code)] // until the probe runner lands
     ProbePassed {
         pid: Pid,
     },
