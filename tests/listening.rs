@@ -482,11 +482,34 @@ fn auto_takes_listening_from_a_worker_that_never_sends_ready_1() {
 #[test]
 fn the_notify_timeout_names_the_other_modes() {
     let port = free_port();
-    let mut z = Zdd::spawn(&fixture_config(port, &["--serve"], "start_timeout = \"500ms\""));
+    let mut z = Zdd::spawn(&fixture_config(
+        port,
+        &["--serve"],
+        "ready = \"notify\"\nstart_timeout = \"500ms\"",
+    ));
     let failed = z.wait_msg_containing("did not become ready within 500ms");
     let msg = failed["msg"].as_str().unwrap();
     assert!(
         msg.contains("if the server never sends READY=1, set ready = \"listening\" (or \"auto\")"),
+        "{msg}"
+    );
+    assert_ne!(z.wait_exit().code(), Some(0));
+}
+
+#[test]
+fn by_default_a_serving_worker_is_ready_without_ready_1_and_a_silent_one_gets_a_hint() {
+    let port = free_port();
+    let mut z = Zdd::spawn(&fixture_config(port, &["--serve"], ""));
+    z.wait_ready();
+    ask(format!("127.0.0.1:{port}").parse().unwrap()).unwrap();
+    z.stop();
+    // Neither READY=1 nor listening (the fixture without --serve only waits for SIGTERM).
+    let mut z = Zdd::spawn(&fixture_config(free_port(), &[], "start_timeout = \"500ms\""));
+    let failed = z.wait_msg_containing("did not become ready within 500ms");
+    let msg = failed["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("neither sent READY=1 nor was seen waiting on its listeners")
+            && msg.contains("in the foreground (not daemonized)"),
         "{msg}"
     );
     assert_ne!(z.wait_exit().code(), Some(0));

@@ -214,7 +214,12 @@ fn reload_failure_on_start_timeout_kills_new_worker() {
     let mut z = Zdd::spawn(&fixture_config(port, &["--ready", "--serve"], ""));
     z.wait_ready();
     let before = ask(addr(port)).unwrap();
-    z.write_config(&fixture_config(port, &["--serve"], "start_timeout = \"500ms\""));
+    // A worker that serves but never says READY=1, where READY=1 is what counts.
+    z.write_config(&fixture_config(
+        port,
+        &["--serve"],
+        "ready = \"notify\"\nstart_timeout = \"500ms\"",
+    ));
     z.signal(Signal::SIGHUP);
     let failed = z.wait_msg_containing("reload failed: ");
     assert!(

@@ -124,7 +124,11 @@ impl Ready {
                 "; it was not seen waiting on its listeners (io_uring, or accepting only from a thread \
                  blocked on something else, cannot be seen): set ready = \"notify\" or \"delay\""
             }
-            Ready::Auto => "; it neither sent READY=1 nor was seen waiting on its listeners",
+            Ready::Auto => {
+                "; it neither sent READY=1 nor was seen waiting on its listeners: is the server running \
+                 in the foreground (not daemonized) and serving the sockets zdd passes (LISTEN_FDS, fd 3 \
+                 on)? if it waits in a way zdd cannot see (io_uring), set ready = \"delay\""
+            }
             Ready::Delay(_) => "",
         }
     }

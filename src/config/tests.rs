@@ -19,7 +19,7 @@ const MIN: &str = "[worker]\ncommand = [\"/bin/true\"]\n[[listen]]\nname = \"htt
 fn smallest_file_gets_defaults() {
     let c = p(MIN).unwrap();
     assert_eq!(c.worker.count, 1);
-    assert_eq!(c.worker.ready, Ready::Notify);
+    assert_eq!(c.worker.ready, Ready::Auto);
     assert_eq!(c.worker.start_timeout, Duration::from_secs(60));
     assert_eq!(c.worker.stop_timeout, Duration::from_secs(30));
     assert_eq!(c.worker.stop_signal, Signal::SIGTERM);

@@ -356,7 +356,7 @@ impl Validator<'_> {
                 .ok_or_else(|| self.err(n.span(), "worker.count", "must be between 1 and 4096"))?,
         };
         let ready = match w.ready.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
-            None | Some(("notify", _)) => {
+            Some(("notify", _)) => {
                 if let Some(d) = &w.ready_delay {
                     return Err(self.err(d.span(), "worker.ready_delay", "only used with ready = \"delay\""));
                 }
@@ -364,6 +364,14 @@ impl Validator<'_> {
             }
             Some(("delay", _)) => {
                 Ready::Delay(self.duration(&w.ready_delay, "worker.ready_delay", Duration::from_secs(1), false)?)
+            }
+            // The default: every server tested is seen listening, and READY=1 still counts for
+            // those that send it (docs/servers.md).
+            None => {
+                if let Some(d) = &w.ready_delay {
+                    return Err(self.err(d.span(), "worker.ready_delay", "only used with ready = \"delay\""));
+                }
+                Ready::Auto
             }
             Some((mode @ ("listening" | "auto"), _)) => {
                 if let Some(d) = &w.ready_delay {
