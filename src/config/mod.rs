@@ -190,6 +190,13 @@ pub struct WorkerConfig {
     pub reload: ReloadMode,
     /// After a cut-over, how long the new generation is watched; zero: not watched.
     pub stable_after: Duration,
+    /// A ready worker that sends no `WATCHDOG=1` for this long is replaced.
+    pub watchdog: Option<Duration>,
+    /// A worker that has lived this long (plus up to `recycle_jitter`) is replaced.
+    pub max_lifetime: Option<Duration>,
+    pub recycle_jitter: Duration,
+    /// A worker whose processes use more resident memory than this (bytes) is replaced.
+    pub max_rss: Option<u64>,
     pub umask: Option<u32>,
     pub compat: Vec<Compat>,
     /// `[worker.probe]`: each new worker must answer it before the old generation stops.

@@ -53,6 +53,10 @@ pub(super) struct RawWorker {
     pub(super) reload: Option<Spanned<String>>,
     pub(super) max_surge: Option<Spanned<i64>>,
     pub(super) stable_after: Option<Spanned<String>>,
+    pub(super) watchdog: Option<Spanned<String>>,
+    pub(super) max_lifetime: Option<Spanned<String>>,
+    pub(super) recycle_jitter: Option<Spanned<String>>,
+    pub(super) max_rss: Option<Spanned<String>>,
     pub(super) umask: Option<Spanned<Octal>>,
     #[serde(default)]
     pub(super) compat: Vec<Spanned<String>>,

@@ -88,6 +88,14 @@ pub struct WorkerState {
     /// Since hand-over version 3; the default of the config key before.
     #[serde(default = "default_stable_after")]
     pub stable_after: Duration,
+    #[serde(default)]
+    pub watchdog: Option<Duration>,
+    #[serde(default)]
+    pub max_lifetime: Option<Duration>,
+    #[serde(default)]
+    pub recycle_jitter: Duration,
+    #[serde(default)]
+    pub max_rss: Option<u64>,
     pub umask: Option<u32>,
     pub compat: Vec<CompatState>,
     /// Absent in a state written by a zdd without probes: none configured.
@@ -277,6 +285,10 @@ impl From<&Config> for ConfigState {
                     ReloadMode::Rolling { max_surge } => ReloadModeState::Rolling { max_surge },
                 },
                 stable_after: w.stable_after,
+                watchdog: w.watchdog,
+                max_lifetime: w.max_lifetime,
+                recycle_jitter: w.recycle_jitter,
+                max_rss: w.max_rss,
                 umask: w.umask,
                 compat: w
                     .compat
@@ -389,6 +401,10 @@ impl ConfigState {
                     ReloadModeState::Rolling { max_surge } => ReloadMode::Rolling { max_surge },
                 },
                 stable_after: w.stable_after,
+                watchdog: w.watchdog,
+                max_lifetime: w.max_lifetime,
+                recycle_jitter: w.recycle_jitter,
+                max_rss: w.max_rss,
                 umask: w.umask,
                 compat: w
                     .compat

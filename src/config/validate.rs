@@ -447,6 +447,23 @@ impl Validator<'_> {
             }
         };
         let stable_after = self.duration(&w.stable_after, "worker.stable_after", Duration::from_secs(5), false)?;
+        let watchdog = match &w.watchdog {
+            None => None,
+            Some(_) => Some(self.duration(&w.watchdog, "worker.watchdog", Duration::ZERO, true)?),
+        };
+        let max_lifetime = match &w.max_lifetime {
+            None => None,
+            Some(_) => Some(self.duration(&w.max_lifetime, "worker.max_lifetime", Duration::ZERO, true)?),
+        };
+        let recycle_jitter = self.duration(&w.recycle_jitter, "worker.recycle_jitter", Duration::ZERO, false)?;
+        if let (Some(j), None) = (&w.recycle_jitter, &w.max_lifetime) {
+            return Err(self.err(j.span(), "worker.recycle_jitter", "only used with max_lifetime"));
+        }
+        let max_rss = w
+            .max_rss
+            .as_ref()
+            .map(|v| parse_size(v.get_ref()).map_err(|m| self.err(v.span(), "worker.max_rss", m)))
+            .transpose()?;
         let umask = w
             .umask
             .as_ref()
@@ -480,6 +497,10 @@ impl Validator<'_> {
             restart,
             reload,
             stable_after,
+            watchdog,
+            max_lifetime,
+            recycle_jitter,
+            max_rss,
             umask,
             compat,
             probe,
@@ -744,4 +765,38 @@ impl Validator<'_> {
             group,
         })
     }
+}
+
+/// A memory size: `"512MiB"`, `"1.5GiB"`, `"300MB"`, `"4096"` (bytes). Binary (KiB, MiB, GiB)
+/// and decimal (kB, MB, GB) units; at least 1 MiB, at most 1 TiB.
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim());
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{} is not a size such as \"512MiB\"", shown(text)))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        "t" | "tib" => 1 << 40,
+        "tb" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "unknown unit {} in {}; use B, KiB, MiB, GiB, TiB (or kB, MB, GB, TB)",
+                shown(unit),
+                shown(text)
+            ))
+        }
+    };
+    let bytes = n * mult as f64;
+    if !(bytes.is_finite() && (1u64 << 20) as f64 <= bytes && bytes <= (1u64 << 40) as f64) {
+        return Err(format!("{} must be between 1MiB and 1TiB", shown(text)));
+    }
+    Ok(bytes as u64)
 }

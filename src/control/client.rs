@@ -203,6 +203,14 @@ fn stat_is_zombie(stat: &str) -> bool {
     }
 }
 
+/// A byte count as `12.3 MiB` (`-` when unknown).
+fn mib(v: &Value) -> String {
+    match v.as_u64() {
+        Some(b) if b > 0 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+        _ => "-".into(),
+    }
+}
+
 /// Human-readable `zdd status`.
 pub fn format_status(s: &Value) -> String {
     let mut out = String::new();
@@ -249,15 +257,16 @@ pub fn format_status(s: &Value) -> String {
             l["address"].as_str().unwrap_or("?")
         ));
     }
-    out.push_str("workers  PID      GEN  SLOT  STATE     UPTIME       RESTARTS\n");
+    out.push_str("workers  PID      GEN  SLOT  STATE     UPTIME       RSS        RESTARTS\n");
     for w in s["workers"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "         {:<8} {:<4} {:<5} {:<9} {:<12} {}\n",
+            "         {:<8} {:<4} {:<5} {:<9} {:<12} {:<10} {}\n",
             w["pid"].to_string(),
             w["generation"].to_string(),
             w["slot"].to_string(),
             w["state"].as_str().unwrap_or("?"),
             secs(&w["uptime_secs"]),
+            mib(&w["rss_bytes"]),
             w["restarts"]
         ));
     }

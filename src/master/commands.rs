@@ -139,6 +139,7 @@ impl Master {
                     "started": io.map_or(0, |io| unix(io.started_wall)),
                     "uptime_secs": now.saturating_duration_since(w.started).as_secs(),
                     "restarts": self.gens.restarts(w),
+                    "rss_bytes": if w.state.is_alive() { self.rss_of(w.pid) } else { 0 },
                     "status": io.and_then(|io| io.status_text.as_ref()),
                 })
             })

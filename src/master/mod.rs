@@ -52,6 +52,7 @@ use signals::Signals;
 use upgrade::{roll_back, UpgradeCheck};
 
 mod actions;
+mod care;
 mod commands;
 mod generations;
 pub mod handover;
@@ -127,6 +128,8 @@ pub struct Master {
     control_paused_until: Option<Instant>,
     /// The new binary being checked before an upgrade's exec.
     upgrade_check: Option<UpgradeCheck>,
+    /// With `max_rss`: when the serving workers' memory is measured next (care.rs).
+    rss_check_at: Option<Instant>,
     /// The workers' probes in flight and the schedule of `interval` probes (probes.rs).
     probes: probes::Probes,
     /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
@@ -205,6 +208,7 @@ impl Master {
             worker_nofile: p.worker_nofile,
             control_paused_until: None,
             upgrade_check: None,
+            rss_check_at: None,
             probes: probes::Probes::default(),
             systemd: SystemdNotifier::from_env(),
             cgroups: p.cgroups,
@@ -247,6 +251,7 @@ impl Master {
             self.read_notify();
             self.serve_control(&ready);
             self.pump_pipes(&ready);
+            self.check_rss();
             self.look_for_listening();
             self.service_probes();
             if self
@@ -365,6 +370,7 @@ impl Master {
             .chain(requests)
             .chain(self.control_paused_until)
             .chain(self.upgrade_check.as_ref().map(|c| c.deadline))
+            .chain(self.rss_check_at)
             .chain(self.next_look())
             .chain(self.probes.next_deadline())
             .min()

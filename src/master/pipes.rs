@@ -45,6 +45,11 @@ impl Master {
                     w.status_text = Some(status.to_string());
                 }
             }
+            match msg.get("WATCHDOG") {
+                Some("1") => self.event(Event::Watchdog { pid, trigger: false }),
+                Some("trigger") => self.event(Event::Watchdog { pid, trigger: true }),
+                _ => {}
+            }
             if msg.get("STOPPING") == Some("1") {
                 debug!(self.log, "worker is stopping"; "pid" => pid.as_raw());
             }

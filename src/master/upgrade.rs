@@ -320,6 +320,9 @@ impl Master {
                 stop_timeout: Duration::from_millis(w.stop_timeout_ms),
                 start_timeout: config.worker.start_timeout,
                 tail: w.tail.into_iter().collect(),
+                // Armed again below, from the time of the resume.
+                watchdog_at: None,
+                recycle_at: None,
             });
             workers.push(Worker {
                 pid,
@@ -347,7 +350,7 @@ impl Master {
                 last_exit: s.last_exit,
             })
             .collect();
-        let gens = Generations::resume(
+        let mut gens = Generations::resume(
             generations::Resumed {
                 generation: state.generation,
                 next_generation: state.next_generation,
@@ -362,6 +365,7 @@ impl Master {
             },
             config.path.display().to_string(),
         );
+        gens.rearm(now);
         // The old image blocked the handled signals for the exec; our handlers are in place now.
         // SAFETY: an empty sigset_t initialised by sigemptyset.
         unsafe {

@@ -15,6 +15,7 @@ pub mod notify;
 pub mod probe;
 pub mod relay;
 pub mod spawn;
+pub mod usage;
 
 use std::collections::VecDeque;
 use std::fmt;

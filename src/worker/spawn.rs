@@ -130,7 +130,9 @@ fn cstring(b: &[u8]) -> CString {
 /// Build the worker's environment: the master's, minus the variables of `inherited_is_removed`,
 /// plus the configured ones, plus zdd's own. Returns the entries and the index of the
 /// `LISTEN_PID=` slot, whose digits the child fills in.
-fn build_env(spec: &SpawnSpec<'_>) -> (Vec<Vec<u8>>, Option<usize>) {
+/// The environment, and where the child writes its own pid: (index, length of the `NAME=`
+/// prefix) of `LISTEN_PID=` and `WATCHDOG_PID=`, each followed by room for the digits.
+fn build_env(spec: &SpawnSpec<'_>) -> (Vec<Vec<u8>>, Vec<(usize, usize)>) {
     let mut env: Vec<Vec<u8>> = Vec::new();
     let configured: Vec<&str> = spec.worker.env.iter().map(|(k, _)| k.as_str()).collect();
     for (k, v) in std::env::vars_os() {
@@ -154,14 +156,23 @@ fn build_env(spec: &SpawnSpec<'_>) -> (Vec<Vec<u8>>, Option<usize>) {
     notify.extend_from_slice(spec.notify_socket.as_os_str().as_bytes());
     env.push(notify);
     let n = spec.listeners.len();
-    let mut pid_slot = None;
+    let mut pid_slots = Vec::new();
+    let mut pid_slot = |env: &mut Vec<Vec<u8>>, prefix: &[u8]| {
+        let mut slot = prefix.to_vec();
+        slot.extend_from_slice(&[0u8; 24]);
+        pid_slots.push((env.len(), prefix.len()));
+        env.push(slot);
+    };
     if n > 0 {
         env.push(format!("LISTEN_FDS={n}").into_bytes());
         env.push(format!("LISTEN_FDNAMES={}", spec.names.join(":")).into_bytes());
-        let mut slot = b"LISTEN_PID=".to_vec();
-        slot.extend_from_slice(&[0u8; 24]);
-        pid_slot = Some(env.len());
-        env.push(slot);
+        pid_slot(&mut env, b"LISTEN_PID=");
+    }
+    // sd_watchdog_enabled() checks WATCHDOG_PID against its own pid: the worker's, set after
+    // fork like LISTEN_PID.
+    if let Some(w) = spec.worker.watchdog {
+        env.push(format!("WATCHDOG_USEC={}", w.as_micros()).into_bytes());
+        pid_slot(&mut env, b"WATCHDOG_PID=");
     }
     for compat in &spec.worker.compat {
         match compat {
@@ -189,7 +200,7 @@ fn build_env(spec: &SpawnSpec<'_>) -> (Vec<Vec<u8>>, Option<usize>) {
             Compat::ServerStarter => {}
         }
     }
-    (env, pid_slot)
+    (env, pid_slots)
 }
 
 /// The worker's credentials if they differ from the master's: equal ones need no change (and
@@ -228,16 +239,16 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
     let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
 
-    let (mut env, pid_slot) = build_env(spec);
+    let (mut env, pid_slots) = build_env(spec);
     for e in &mut env {
         e.push(0);
     }
     let mut env_ptrs: Vec<*mut c_char> = env.iter_mut().map(|e| e.as_mut_ptr() as *mut c_char).collect();
     env_ptrs.push(std::ptr::null_mut());
-    let pid_slot_ptr: *mut u8 = match pid_slot {
-        Some(i) => env_ptrs[i] as *mut u8,
-        None => std::ptr::null_mut(),
-    };
+    let mut pid_slot_ptrs: [(*mut u8, usize); 2] = [(std::ptr::null_mut(), 0); 2];
+    for (dst, &(i, prefix)) in pid_slot_ptrs.iter_mut().zip(&pid_slots) {
+        *dst = (env_ptrs[i] as *mut u8, prefix);
+    }
 
     let cwd_c = w.cwd.as_ref().map(|c| cstring(c.as_os_str().as_bytes()));
     check_credentials(w)?;
@@ -319,7 +330,7 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
                 n,
                 report_fd,
                 cgroup_procs: cgroup_procs.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
-                pid_slot: pid_slot_ptr,
+                pid_slots: pid_slot_ptrs,
                 groups: &groups,
                 uid,
                 gid,
@@ -453,7 +464,8 @@ struct ChildPlan<'a> {
     report_fd: RawFd,
     /// The worker cgroup's `cgroup.procs`, or -1.
     cgroup_procs: RawFd,
-    pid_slot: *mut u8,
+    /// Where to write the child's pid (after a `NAME=` prefix of the given length), or null.
+    pid_slots: [(*mut u8, usize); 2],
     groups: &'a [libc::gid_t],
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
@@ -546,8 +558,11 @@ unsafe fn child_after_fork(plan: ChildPlan<'_>) -> ! {
         }
     }
 
-    // 4. LISTEN_PID: "LISTEN_PID=" is 11 bytes; the digits follow, then NUL.
-    if !plan.pid_slot.is_null() {
+    // 4. LISTEN_PID, WATCHDOG_PID: the digits follow the `NAME=` prefix, then NUL.
+    for &(slot, prefix) in &plan.pid_slots {
+        if slot.is_null() {
+            continue;
+        }
         let mut pid = libc::getpid() as u64;
         let mut digits = [0u8; 20];
         let mut len = 0;
@@ -559,7 +574,7 @@ unsafe fn child_after_fork(plan: ChildPlan<'_>) -> ! {
                 break;
             }
         }
-        let dst = plan.pid_slot.add(11);
+        let dst = slot.add(prefix);
         for i in 0..len {
             *dst.add(i) = digits[len - 1 - i];
         }

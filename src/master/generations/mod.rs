@@ -72,6 +72,13 @@ pub struct Params {
     pub rolling: Option<usize>,
     /// How long a new generation is watched after its cut-over (zero: not watched).
     pub stable_after: Duration,
+    /// A ready worker silent (no `WATCHDOG=1`) this long is replaced.
+    pub watchdog: Option<Duration>,
+    /// A worker that lived this long, plus its share of `recycle_jitter`, is recycled.
+    pub max_lifetime: Option<Duration>,
+    pub recycle_jitter: Duration,
+    /// A worker whose processes use more resident memory (bytes) is recycled.
+    pub max_rss: Option<u64>,
 }
 
 impl Params {
@@ -92,6 +99,10 @@ impl Params {
                 crate::config::ReloadMode::Rolling { max_surge } => Some(max_surge),
             },
             stable_after: w.stable_after,
+            watchdog: w.watchdog,
+            max_lifetime: w.max_lifetime,
+            recycle_jitter: w.recycle_jitter,
+            max_rss: w.max_rss,
         }
     }
 }
@@ -139,6 +150,10 @@ pub struct Worker {
     pub start_timeout: Duration,
     /// Its last lines, for failure reports (see [`Generations::remember`]).
     pub tail: std::collections::VecDeque<String>,
+    /// While ready, with a `watchdog`: replaced unless a `WATCHDOG=1` comes before.
+    pub watchdog_at: Option<Instant>,
+    /// While ready in the serving generation, with `max_lifetime`: recycled then.
+    pub recycle_at: Option<Instant>,
 }
 
 /// Who asked for a stop.
@@ -210,6 +225,16 @@ pub enum Event {
     },
     StopRequested {
         by: StopBy,
+    },
+    /// `WATCHDOG=1` from the worker (`trigger`: `WATCHDOG=trigger`, replace it now).
+    Watchdog {
+        pid: Pid,
+        trigger: bool,
+    },
+    /// The resident memory of the worker's processes, measured by the loop (with `max_rss`).
+    WorkerRss {
+        pid: Pid,
+        bytes: u64,
     },
 }
 
@@ -358,6 +383,14 @@ struct RollBack {
     in_flight: Vec<usize>,
 }
 
+/// A slot being recycled: its serving worker `old` is stopped once the new one is ready.
+#[derive(Debug, Clone)]
+struct Recycle {
+    slot: usize,
+    old: Pid,
+    why: String,
+}
+
 /// The watch over a new generation after its cut-over (`stable_after`).
 #[derive(Debug, Clone, Copy)]
 struct Watch {
@@ -375,6 +408,8 @@ enum SpawnFor {
     Restart,
     /// One slot of a rolling reload's generation: a failure fails the reload.
     Roll,
+    /// A new worker for a slot being recycled: a failure leaves the old one serving.
+    Recycle,
     /// A replaced slot given back to the serving generation: a failure backs off like a crash.
     RollBack,
 }
@@ -408,6 +443,12 @@ pub struct Generations {
     watch: Option<Watch>,
     /// The serving generation stopped serving within `stable_after` of its cut-over: why.
     unstable: Option<String>,
+    /// Recycling (care.rs): the one slot being recycled, the workers waiting their turn, and
+    /// the back-offs after a failed recycle and after a fresh worker was over `max_rss`.
+    recycling: Option<Recycle>,
+    recycle_queue: std::collections::VecDeque<(Pid, String)>,
+    recycle_retry_at: Option<Instant>,
+    rss_hold: Option<(Instant, Duration)>,
     out: Vec<Action>,
 }
 
@@ -450,6 +491,10 @@ impl Generations {
             probe_verdict: None,
             watch: None,
             unstable: None,
+            recycling: None,
+            recycle_queue: Default::default(),
+            recycle_retry_at: None,
+            rss_hold: None,
             out: Vec::new(),
         }
     }
@@ -558,8 +603,9 @@ impl Generations {
             .iter()
             .filter(|w| !(holding && self.held(w)))
             .filter_map(|w| w.state.deadline());
+        let care = self.care_deadlines();
         let restarts = self.slots.iter().filter_map(|s| s.restart_at);
-        workers.chain(restarts).min()
+        workers.chain(restarts).chain(care).min()
     }
 
     /// Why an upgrade cannot start now, if it cannot.
@@ -634,6 +680,7 @@ impl Generations {
                 self.tick(now);
                 self.advance(now);
                 self.restarts_due(now);
+                self.recycle_next(now);
                 if self.finished() && !self.exit_sent {
                     self.exit_sent = true;
                     self.out.push(Action::Exit { code: self.exit_code });
@@ -643,6 +690,8 @@ impl Generations {
             Event::ReloadPrepared { generation, params } => self.prepared(generation, params),
             Event::ReloadPrepareFailed { generation, message } => self.prepare_failed(generation, message),
             Event::StopRequested { by } => self.stop_requested(now, by),
+            Event::Watchdog { pid, trigger } => self.watchdog(now, pid, trigger),
+            Event::WorkerRss { pid, bytes } => self.rss(now, pid, bytes),
         }
         std::mem::take(&mut self.out)
     }
@@ -664,6 +713,7 @@ fn pid_kv(pid: Pid) -> Kv {
     Kv::I64(pid.as_raw().into())
 }
 
+mod care;
 mod reload;
 mod workers;
 

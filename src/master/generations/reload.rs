@@ -420,6 +420,7 @@ impl Generations {
                 self.feed(now, i, WorkerEvent::Stop(now));
             }
         }
+        self.recycle_reset();
         self.unstable = None;
         self.watch = (!params.stable_after.is_zero()).then(|| Watch {
             generation,

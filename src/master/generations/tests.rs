@@ -16,6 +16,10 @@ fn params(count: usize) -> Params {
         probe: None,
         rolling: None,
         stable_after: Duration::ZERO,
+        watchdog: None,
+        max_lifetime: None,
+        recycle_jitter: Duration::ZERO,
+        max_rss: None,
     }
 }
 
@@ -1004,6 +1008,8 @@ fn resumed_machine_runs_the_handed_over_generation() {
         stop_timeout: 5 * SEC,
         start_timeout: 10 * SEC,
         tail: Default::default(),
+        watchdog_at: None,
+        recycle_at: None,
     };
     let mut g = Generations::resume(
         Resumed {
@@ -1497,6 +1503,8 @@ fn a_worker_handed_over_while_probing_is_probed_again_by_the_new_image() {
         stop_timeout: 5 * SEC,
         start_timeout: 10 * SEC,
         tail: Default::default(),
+        watchdog_at: None,
+        recycle_at: None,
     };
     let mut g = Generations::resume(
         Resumed {
@@ -1627,4 +1635,183 @@ fn a_new_generation_that_fails_its_probes_within_stable_after_keeps_the_old_one_
         !killed(&a).contains(&old),
         "the old worker was killed while no new one serves"
     );
+}
+
+// ---- watchdog and recycling --------------------------------------------------------------
+
+#[test]
+fn a_ready_worker_silent_past_its_watchdog_is_replaced_and_pings_keep_it() {
+    let p = Params {
+        watchdog: Some(2 * SEC),
+        ..params(2)
+    };
+    let mut s = Sim::running(p);
+    let (a, b) = (s.pid(1, 0), s.pid(1, 1));
+    s.advance(SEC);
+    s.step(Event::Watchdog { pid: a, trigger: false });
+    s.advance(SEC);
+    // b said nothing for 2 s: replaced; a pinged 1 s ago: kept.
+    let acts = s.step(Event::Tick);
+    assert_eq!(signalled(&acts), vec![b]);
+    assert!(logged(&acts, "watchdog expired (no WATCHDOG=1 for 2s); replacing it"));
+    assert_eq!(s.state(a), State::Ready);
+    s.step(Event::Watchdog { pid: a, trigger: false });
+    s.advance(SEC);
+    let acts = s.step(Event::Tick);
+    assert!(spawns(&acts).contains(&(1, 1)), "its slot restarts");
+    assert_eq!(s.state(a), State::Ready);
+    assert_eq!(
+        s.g.slots()[1].last_exit.as_deref(),
+        Some(&*format!("worker pid {b}: watchdog expired (no WATCHDOG=1 for 2s)"))
+    );
+    // WATCHDOG=trigger: at once.
+    let acts = s.step(Event::Watchdog { pid: a, trigger: true });
+    assert_eq!(signalled(&acts), vec![a]);
+}
+
+#[test]
+fn a_new_worker_silent_before_the_commit_fails_its_reload() {
+    let p = Params {
+        watchdog: Some(2 * SEC),
+        ..params(2)
+    };
+    let mut s = Sim::running(p.clone());
+    s.next = Ok(p);
+    s.reload(Some(C1));
+    let n0 = s.pid(2, 0);
+    s.step(Event::WorkerReady { pid: n0 });
+    // Keep the old ones alive.
+    s.advance(2 * SEC);
+    for pid in s.pids(1) {
+        s.g.handle(s.now, Event::Watchdog { pid, trigger: false });
+    }
+    let acts = s.step(Event::Tick);
+    let r = replies(&acts);
+    assert!(r[0].2.contains("watchdog expired"), "{r:?}");
+    assert_eq!(s.g.generation(), 1);
+}
+
+#[test]
+fn max_lifetime_recycles_one_slot_at_a_time_new_before_old() {
+    let p = Params {
+        max_lifetime: Some(60 * SEC),
+        ..params(2)
+    };
+    let mut s = Sim::running(p);
+    let (a, b) = (s.pid(1, 0), s.pid(1, 1));
+    s.advance(61 * SEC);
+    let acts = s.step(Event::Tick);
+    assert_eq!(spawns(&acts), vec![(1, 0)], "one slot at a time");
+    assert!(
+        signalled(&acts).is_empty(),
+        "the old worker serves until the new one is ready"
+    );
+    let n = s.pid(1, 0);
+    let acts = s.step(Event::WorkerReady { pid: n });
+    assert_eq!(signalled(&acts), vec![a]);
+    assert!(logged(&acts, "worker recycled: max_lifetime 1m reached"));
+    // Then slot 1.
+    assert_eq!(spawns(&acts), vec![(1, 1)]);
+    let acts = s.step(Event::WorkerReady { pid: s.pid(1, 1) });
+    assert_eq!(signalled(&acts), vec![b]);
+    // The old ones exit as asked: no restart.
+    let acts = s.exit(a, CLEAN);
+    assert!(spawns(&acts).is_empty());
+}
+
+#[test]
+fn a_recycle_whose_new_worker_fails_leaves_the_old_one_serving_and_retries_later() {
+    let p = Params {
+        max_lifetime: Some(60 * SEC),
+        ..params(1)
+    };
+    let mut s = Sim::running(p);
+    let a = s.pid(1, 0);
+    s.advance(61 * SEC);
+    s.step(Event::Tick);
+    let n = s.pid(1, 0);
+    let acts = s.exit(n, FAIL);
+    assert!(logged(&acts, "recycling failed"));
+    assert!(
+        spawns(&acts).is_empty(),
+        "no crash restart: the old worker still serves"
+    );
+    assert_eq!(s.state(a), State::Ready);
+    s.advance(30 * SEC);
+    assert!(spawns(&s.step(Event::Tick)).is_empty());
+    s.advance(31 * SEC);
+    assert_eq!(spawns(&s.step(Event::Tick)), vec![(1, 0)]);
+}
+
+#[test]
+fn the_old_worker_dying_during_its_recycle_leaves_the_slot_to_the_new_one() {
+    let p = Params {
+        max_lifetime: Some(60 * SEC),
+        ..params(1)
+    };
+    let mut s = Sim::running(p);
+    let a = s.pid(1, 0);
+    s.advance(61 * SEC);
+    s.step(Event::Tick);
+    let acts = s.exit(a, FAIL);
+    assert!(spawns(&acts).is_empty());
+    s.advance(SEC);
+    assert!(spawns(&s.step(Event::Tick)).is_empty(), "no second worker for the slot");
+    let n = s.pid(1, 0);
+    assert_ne!(n, a);
+    let acts = s.step(Event::WorkerReady { pid: n });
+    assert!(signalled(&acts).is_empty());
+}
+
+#[test]
+fn max_rss_recycles_but_a_limit_below_a_fresh_worker_backs_off() {
+    let p = Params {
+        max_rss: Some(100 << 20),
+        ..params(1)
+    };
+    let mut s = Sim::running(p);
+    let a = s.pid(1, 0);
+    // Over the limit seconds after it started: the limit is below what the app needs.
+    s.advance(5 * SEC);
+    let acts = s.step(Event::WorkerRss {
+        pid: a,
+        bytes: 200 << 20,
+    });
+    assert!(spawns(&acts).is_empty());
+    assert!(logged(&acts, "max_rss 100.0MiB is below what this app needs"));
+    s.advance(30 * SEC);
+    assert!(
+        spawns(&s.step(Event::WorkerRss {
+            pid: a,
+            bytes: 200 << 20
+        }))
+        .is_empty(),
+        "held back"
+    );
+    // Past the hold and the fresh period: recycled.
+    s.advance(60 * SEC);
+    let acts = s.step(Event::WorkerRss {
+        pid: a,
+        bytes: 200 << 20,
+    });
+    assert_eq!(spawns(&acts), vec![(1, 0)]);
+    let acts = s.step(Event::WorkerReady { pid: s.pid(1, 0) });
+    assert_eq!(signalled(&acts), vec![a]);
+    assert!(logged(&acts, "worker recycled: rss 200.0MiB over max_rss 100.0MiB"));
+}
+
+#[test]
+fn recycle_jitter_spreads_lifetimes_and_stays_within_it() {
+    let p = Params {
+        max_lifetime: Some(60 * SEC),
+        recycle_jitter: 30 * SEC,
+        ..params(8)
+    };
+    let s = Sim::running(p);
+    let at: std::collections::BTreeSet<Instant> = s.g.workers().iter().filter_map(|w| w.recycle_at).collect();
+    assert!(at.len() > 1, "copies started together do not recycle together");
+    for w in s.g.workers() {
+        let t = w.recycle_at.unwrap();
+        assert!(t >= w.started + 60 * SEC && t <= w.started + 90 * SEC);
+    }
 }

@@ -87,6 +87,8 @@ impl Generations {
             stop_timeout: p.stop_timeout,
             start_timeout: p.start_timeout,
             tail: Default::default(),
+            watchdog_at: None,
+            recycle_at: None,
         });
         // Wanted no more by the time it exists (the master is stopping, or its generation was
         // replaced or failed meanwhile): it is asked to stop at once, never left unsupervised.
@@ -118,7 +120,10 @@ impl Generations {
             Some(SpawnFor::Restart) if generation == self.generation && self.phase != Phase::Stopping => {
                 self.schedule_restart(now, slot, Duration::ZERO, reason)
             }
-            Some(SpawnFor::Restart | SpawnFor::RollBack) | None => {}
+            Some(SpawnFor::Recycle) if generation == self.generation => {
+                self.recycle_failed(now, slot, &reason);
+            }
+            Some(SpawnFor::Restart | SpawnFor::RollBack | SpawnFor::Recycle) | None => {}
         }
     }
 
@@ -172,9 +177,11 @@ impl Generations {
                             );
                         }
                     }
+                    self.arm_care(now, i);
                     if generation == self.generation {
                         self.stop_superseded(now, slot);
                         self.rollback_slot_done(slot);
+                        self.recycled(now, slot, pid);
                     } else if self.rolling_forward(generation) {
                         self.replace_slot(now, slot);
                     }
@@ -246,6 +253,13 @@ impl Generations {
             return self.log(Level::Info, "worker exited".into(), kv(status));
         }
         self.rollback_slot_done(slot);
+        if self.recycle_lost_old(pid) {
+            // The recycle's new worker, already starting, takes the slot.
+            return self.log(Level::Warn, "worker exited while being recycled".into(), kv(status));
+        }
+        if !was_ready && self.recycle_failed(now, slot, &reason) {
+            return;
+        }
         self.watch_after_death(now, generation);
         let restart = match self.params.restart {
             Restart::Always => true,
@@ -330,6 +344,9 @@ impl Generations {
                 self.start_failure.get_or_insert(Failure { reason, tail });
             }
             _ if generation == self.generation && self.phase == Phase::Running => {
+                if self.recycle_failed(now, slot, &reason) {
+                    return;
+                }
                 // A restarted worker that never became ready: a crash like any other.
                 self.log(Level::Warn, reason.clone(), vec![("generation", Kv::U64(generation))]);
                 self.schedule_restart(now, slot, Duration::ZERO, reason);
@@ -341,6 +358,7 @@ impl Generations {
 
     /// Workers' deadlines that are due: start timeouts, delayed readiness, stop timeouts.
     pub(super) fn tick(&mut self, now: Instant) {
+        self.care_due(now);
         let holding = self.holding();
         for i in 0..self.workers.len() {
             if holding && self.held(&self.workers[i]) {
@@ -426,6 +444,7 @@ impl Generations {
             });
         }
         self.reload_again = false;
+        self.recycle_reset();
         self.out.push(Action::CancelUpgrade);
         for s in &mut self.slots {
             s.restart_at = None;
@@ -455,19 +474,12 @@ impl Generations {
                 self.probe_verdict = None;
             }
             State::Ready if self.workers[i].generation == self.generation && self.phase == Phase::Running => {
-                let w = &self.workers[i];
-                let (slot, lived) = (w.slot, now.saturating_duration_since(w.started));
                 self.log(
                     Level::Warn,
                     format!("worker failed its health probe; replacing it: {reason}"),
                     vec![("generation", Kv::U64(self.generation)), ("pid", pid_kv(pid))],
                 );
-                self.feed(now, i, WorkerEvent::Stop(now));
-                if !self.slot_taken(slot) {
-                    self.schedule_restart(now, slot, lived, format!("worker pid {pid} failed its health probe"));
-                }
-                // Failing its probes is not serving: the watch after a cut-over counts it.
-                self.watch_after_death(now, self.generation);
+                self.replace(now, i, format!("worker pid {pid} failed its health probe"));
             }
             _ => {}
         }
@@ -562,6 +574,6 @@ impl Generations {
 
 /// A worker's last lines for a failure report, control characters escaped (escaped here, when
 /// a report needs them, not for every line relayed).
-fn escaped(tail: &std::collections::VecDeque<String>) -> Vec<String> {
+pub(super) fn escaped(tail: &std::collections::VecDeque<String>) -> Vec<String> {
     tail.iter().map(|l| crate::log::escape_str(l).into_owned()).collect()
 }
