@@ -283,3 +283,37 @@ fn gunicorn_rolling_reload_rolls_back_a_release_broken_in_one_slot_under_load() 
     eprintln!("{n} requests, 0 failed");
     z.stop();
 }
+
+#[test]
+fn a_failed_reload_lets_its_new_workers_finish_the_requests_they_accepted() {
+    // The new release takes connections from the shared socket while it is probed, answers
+    // each after 200 ms, and fails its probe (500). Killing it outright would cut the
+    // requests it holds; it is asked to stop like any worker.
+    let port = free_port();
+    let probe = "\n[worker.probe]\nhttp = \"/healthz\"\nretries = 2\nretry_delay = \"100ms\"\n";
+    let conf = |args: &[&str]| {
+        format!(
+            "[worker]\ncommand = {}\ncount = 2\nstop_timeout = \"10s\"\n{probe}\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n",
+            toml_list(&[&["{fixture}"], args].concat())
+        )
+    };
+    let mut z = Zdd::spawn(&conf(&["--ready", "--serve", "--http-status", "200"]));
+    z.wait_ready();
+    let load = Load::start(format!("127.0.0.1:{port}").parse().unwrap(), 4);
+    z.write_config(&conf(&[
+        "--ready",
+        "--serve",
+        "--http-status",
+        "500",
+        "--answer-delay",
+        "200",
+    ]));
+    for _ in 0..2 {
+        let o = zdd(&z, &["reload"]);
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert!(stderr(&o).contains("status 500"), "{}", stderr(&o));
+    }
+    let r = load.finish();
+    eprintln!("{} requests, 0 failed", r.requests);
+    z.stop();
+}

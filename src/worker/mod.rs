@@ -121,7 +121,7 @@ pub enum Event {
     /// Its probe passed.
     ProbePassed,
     /// Its probe failed.
-    ProbeFailed,
+    ProbeFailed(Instant),
     /// Time passed; deadlines up to `now` are due.
     Tick(Instant),
     /// Stop gracefully (reload committed, or master stopping).
@@ -161,11 +161,16 @@ pub fn transition(state: State, event: Event, stop_timeout: Duration) -> (State,
         (S::Starting { probe, .. }, E::Ready(now)) => said_ready(now, probe),
         (S::Probing { .. } | S::Ready | S::Stopping { .. } | S::Killed, E::Ready(_)) => (state, vec![]),
         (S::Probing { .. }, E::ProbePassed) => (S::Ready, vec![Effect::BecameReady]),
-        (S::Probing { .. }, E::ProbeFailed) => (
-            S::Killed,
-            vec![Effect::KillGroup, Effect::ProbeFailed { timed_out: false }],
+        // A worker that failed to start may have taken connections from the shared sockets
+        // already: it is asked to stop like any other (SIGKILL at its stop timeout), so that
+        // what it accepted is answered, never cut.
+        (S::Probing { .. }, E::ProbeFailed(now)) => (
+            S::Stopping {
+                kill_at: crate::clock::after(now, stop_timeout),
+            },
+            vec![Effect::SendStopSignal, Effect::ProbeFailed { timed_out: false }],
         ),
-        (_, E::ProbePassed | E::ProbeFailed) => (state, vec![]),
+        (_, E::ProbePassed | E::ProbeFailed(_)) => (state, vec![]),
         (
             S::Starting {
                 ready_at: Some(at),
@@ -174,12 +179,17 @@ pub fn transition(state: State, event: Event, stop_timeout: Duration) -> (State,
             },
             E::Tick(now),
         ) if now >= at && at < deadline => said_ready(now, probe),
-        (S::Starting { deadline, .. }, E::Tick(now)) if now >= deadline => {
-            (S::Killed, vec![Effect::KillGroup, Effect::StartTimedOut])
-        }
+        (S::Starting { deadline, .. }, E::Tick(now)) if now >= deadline => (
+            S::Stopping {
+                kill_at: crate::clock::after(now, stop_timeout),
+            },
+            vec![Effect::SendStopSignal, Effect::StartTimedOut],
+        ),
         (S::Probing { deadline }, E::Tick(now)) if now >= deadline => (
-            S::Killed,
-            vec![Effect::KillGroup, Effect::ProbeFailed { timed_out: true }],
+            S::Stopping {
+                kill_at: crate::clock::after(now, stop_timeout),
+            },
+            vec![Effect::SendStopSignal, Effect::ProbeFailed { timed_out: true }],
         ),
         (S::Stopping { kill_at }, E::Tick(now)) if now >= kill_at => (S::Killed, vec![Effect::KillGroup]),
         (_, E::Tick(_)) => (state, vec![]),
@@ -354,22 +364,24 @@ mod tests {
             (State::Ready, vec![Effect::BecameReady])
         );
         assert_eq!(
-            transition(p, Event::ProbeFailed, STOP),
+            transition(p, Event::ProbeFailed(now), STOP),
             (
-                State::Killed,
-                vec![Effect::KillGroup, Effect::ProbeFailed { timed_out: false }]
+                State::Stopping { kill_at: now + STOP },
+                vec![Effect::SendStopSignal, Effect::ProbeFailed { timed_out: false }]
             )
         );
         assert_eq!(
             transition(p, Event::Tick(now + budget), STOP),
             (
-                State::Killed,
-                vec![Effect::KillGroup, Effect::ProbeFailed { timed_out: true }]
+                State::Stopping {
+                    kill_at: now + budget + STOP
+                },
+                vec![Effect::SendStopSignal, Effect::ProbeFailed { timed_out: true }]
             )
         );
         // A verdict for a worker that is no longer probed changes nothing.
         assert_eq!(
-            transition(State::Ready, Event::ProbeFailed, STOP),
+            transition(State::Ready, Event::ProbeFailed(now), STOP),
             (State::Ready, vec![])
         );
         // Delayed readiness is probed too.
@@ -382,11 +394,13 @@ mod tests {
     }
 
     #[test]
-    fn start_timeout_kills() {
+    fn start_timeout_stops_then_kills() {
         let now = Instant::now();
-        let (s, e) = transition(starting(now, None), Event::Tick(now + Duration::from_secs(10)), STOP);
-        assert_eq!(s, State::Killed);
-        assert_eq!(e, vec![Effect::KillGroup, Effect::StartTimedOut]);
+        let at = now + Duration::from_secs(10);
+        let (s, e) = transition(starting(now, None), Event::Tick(at), STOP);
+        // Asked to stop (it may hold connections it accepted), SIGKILL at its stop timeout.
+        assert_eq!(s, State::Stopping { kill_at: at + STOP });
+        assert_eq!(e, vec![Effect::SendStopSignal, Effect::StartTimedOut]);
         let (_, e) = transition(s, Event::Exited(ExitStatus::Signal(9)), STOP);
         assert_eq!(
             e,
@@ -433,7 +447,7 @@ mod tests {
         for ev in [
             Event::Ready(Instant::now()),
             Event::ProbePassed,
-            Event::ProbeFailed,
+            Event::ProbeFailed(Instant::now()),
             Event::Kill,
             Event::Stop(Instant::now()),
             Event::Tick(Instant::now()),

@@ -118,7 +118,7 @@ impl Generations {
         if generation != self.generation {
             if self.is_starting_generation(generation) {
                 let tail = super::workers::escaped(&self.workers[i].tail);
-                self.feed(now, i, WorkerEvent::Kill);
+                self.feed(now, i, WorkerEvent::Stop(now));
                 self.generation_failed(now, generation, slot, why, tail);
             }
             return;

@@ -329,9 +329,8 @@ impl Generations {
             if w.generation != generation {
                 continue;
             }
-            if !replaced.contains(&w.slot) {
-                self.feed(now, i, WorkerEvent::Kill);
-            } else if w.slot >= serving_slots {
+            // Asked to stop, not killed: what they accepted from the shared sockets is answered.
+            if !replaced.contains(&w.slot) || w.slot >= serving_slots {
                 self.feed(now, i, WorkerEvent::Stop(now));
             }
         }
@@ -493,8 +492,10 @@ impl Generations {
         for i in 0..self.workers.len() {
             // After a roll-back, a new worker still serving is one whose slot could not be
             // given back yet: it stays until a serving-generation worker is ready there.
+            // The others are asked to stop, not killed: they may have taken connections from the
+            // shared sockets, and those are answered (SIGKILL at their stop timeout).
             if self.workers[i].generation == r.generation && rolled.is_none() {
-                self.feed(now, i, WorkerEvent::Kill);
+                self.feed(now, i, WorkerEvent::Stop(now));
             }
         }
         self.out.push(Action::DiscardReload {

@@ -319,7 +319,7 @@ fn start_fails_on_start_timeout() {
     assert_eq!(s.step(Event::Tick), vec![]);
     s.advance(Duration::from_millis(1));
     let a = s.step(Event::Tick);
-    assert_eq!(killed(&a), vec![pid]);
+    assert_eq!(signalled(&a), vec![pid], "asked to stop, SIGKILL at its stop timeout");
     assert!(a.contains(&Action::StartFailed {
         reason: format!(
             "worker pid {pid} did not become ready within 10s; if the server never sends READY=1, \
@@ -327,7 +327,7 @@ fn start_fails_on_start_timeout() {
         ),
         tail: vec![],
     }));
-    assert_eq!(s.state(pid), State::Killed);
+    assert!(matches!(s.state(pid), State::Stopping { .. }));
     let a = s.exit(pid, ExitStatus::Signal(9));
     assert_eq!(exit_code(&a), Some(1));
 }
@@ -603,7 +603,7 @@ fn new_worker_failing_mid_reload_fails_the_reload() {
             }
         };
         let expect_killed = if exit.is_some() { vec![n1] } else { vec![n0, n1] };
-        assert_eq!(killed(&a), expect_killed, "{what}");
+        assert_eq!(signalled(&a), expect_killed, "{what}");
         assert!(a.contains(&Action::DiscardReload {
             generation: 2,
             failed: true
@@ -615,14 +615,14 @@ fn new_worker_failing_mid_reload_fails_the_reload() {
             json!({ "generation": 1, "failed_generation": 2, "tail": ["last words"] })
         );
         assert!(a.contains(&Action::TellSystemd(Systemd::Ready { status: message })));
-        assert!(signalled(&a).is_empty(), "{what}");
+        assert!(killed(&a).is_empty(), "{what}: asked to stop, not killed");
         assert_eq!(s.g.generation(), 1);
         assert_eq!(s.g.reloading(), None);
         for pid in &old {
             assert_eq!(s.state(*pid), State::Ready);
         }
-        // The killed new workers leave quietly.
-        let a = s.exit(n1, ExitStatus::Signal(9));
+        // The stopped new workers leave quietly.
+        let a = s.exit(n1, ExitStatus::Signal(15));
         assert!(spawns(&a).is_empty());
         assert_eq!(s.g.phase(), Phase::Running);
     }
@@ -675,13 +675,13 @@ fn reload_asked_for_in_the_turn_a_reload_failed_follows_it() {
 }
 
 #[test]
-fn reload_with_one_of_n_slots_failing_to_spawn_kills_the_others() {
+fn reload_with_one_of_n_slots_failing_to_spawn_stops_the_others() {
     let mut s = Sim::running(params(3));
     s.fail_spawn.push((2, 1));
     let a = s.reload(Some(C1));
     assert_eq!(spawns(&a), vec![(2, 0), (2, 1)]);
     let n0 = s.pid(2, 0);
-    assert_eq!(killed(&a), vec![n0]);
+    assert_eq!(signalled(&a), vec![n0]);
     assert_eq!(
         replies(&a),
         vec![(
@@ -887,7 +887,7 @@ fn restarted_worker_missing_its_start_timeout_is_a_crash() {
     let pid = s.pid(1, 0);
     s.advance(10 * SEC);
     let a = s.step(Event::Tick);
-    assert_eq!(killed(&a), vec![pid]);
+    assert_eq!(signalled(&a), vec![pid]);
     assert!(logged(&a, "did not become ready within 10s"));
     assert_eq!(s.g.slots()[0].restart_at, Some(s.now + 2 * BACKOFF_MIN));
     // Its exit after the kill was asked for: nothing more.
@@ -1235,10 +1235,12 @@ fn a_failed_probe_fails_the_reload_with_its_reason_and_the_old_generation_serves
         "{}",
         r[0].2
     );
-    let mut k = killed(&a);
+    let mut k = signalled(&a);
     k.sort();
-    assert_eq!(k, new);
-    assert!(signalled(&a).is_empty(), "the old generation is never told to stop");
+    assert_eq!(
+        k, new,
+        "the new workers are asked to stop; the old generation is never told to"
+    );
     for pid in old {
         assert_eq!(s.state(pid), State::Ready);
     }
@@ -1252,7 +1254,7 @@ fn a_probe_that_gives_no_verdict_is_cut_short_by_its_budget() {
     s.step(Event::WorkerReady { pid: new });
     s.advance(3 * SEC);
     let a = s.step(Event::Tick);
-    assert_eq!(killed(&a), vec![new]);
+    assert_eq!(signalled(&a), vec![new]);
     let r = replies(&a);
     assert!(r[0].2.contains("its probe gave no verdict in time"), "{}", r[0].2);
 }
@@ -1601,9 +1603,8 @@ fn a_rolling_reload_that_failed_replaces_no_more_slots_in_the_same_turn() {
         Event::WorkerExited { pid: n1, status: FAIL },
         Event::WorkerReady { pid: n0 },
     ]);
-    assert!(signalled(&a).is_empty(), "{:?}", signalled(&a));
+    assert_eq!(signalled(&a), vec![n0], "only the new worker is asked to stop");
     assert!(spawns(&a).is_empty(), "{:?}", spawns(&a));
-    assert_eq!(killed(&a), vec![n0]);
     let r = replies(&a);
     assert!(r[0].2.starts_with("reload failed: worker pid"), "{}", r[0].2);
     for pid in old {

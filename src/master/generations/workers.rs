@@ -470,7 +470,7 @@ impl Generations {
         match self.workers[i].state {
             State::Probing { .. } => {
                 self.probe_verdict = Some(reason);
-                self.feed(now, i, WorkerEvent::ProbeFailed);
+                self.feed(now, i, WorkerEvent::ProbeFailed(now));
                 self.probe_verdict = None;
             }
             State::Ready if self.workers[i].generation == self.generation && self.phase == Phase::Running => {
