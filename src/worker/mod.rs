@@ -179,12 +179,11 @@ pub fn transition(state: State, event: Event, stop_timeout: Duration) -> (State,
             },
             E::Tick(now),
         ) if now >= at && at < deadline => said_ready(now, probe),
-        (S::Starting { deadline, .. }, E::Tick(now)) if now >= deadline => (
-            S::Stopping {
-                kill_at: crate::clock::after(now, stop_timeout),
-            },
-            vec![Effect::SendStopSignal, Effect::StartTimedOut],
-        ),
+        // Never ready: not seen taking connections either (under "auto"), so nothing to finish;
+        // and a worker hung in its boot must not hold a failed start for its stop timeout.
+        (S::Starting { deadline, .. }, E::Tick(now)) if now >= deadline => {
+            (S::Killed, vec![Effect::KillGroup, Effect::StartTimedOut])
+        }
         (S::Probing { deadline }, E::Tick(now)) if now >= deadline => (
             S::Stopping {
                 kill_at: crate::clock::after(now, stop_timeout),
@@ -394,13 +393,11 @@ mod tests {
     }
 
     #[test]
-    fn start_timeout_stops_then_kills() {
+    fn start_timeout_kills() {
         let now = Instant::now();
-        let at = now + Duration::from_secs(10);
-        let (s, e) = transition(starting(now, None), Event::Tick(at), STOP);
-        // Asked to stop (it may hold connections it accepted), SIGKILL at its stop timeout.
-        assert_eq!(s, State::Stopping { kill_at: at + STOP });
-        assert_eq!(e, vec![Effect::SendStopSignal, Effect::StartTimedOut]);
+        let (s, e) = transition(starting(now, None), Event::Tick(now + Duration::from_secs(10)), STOP);
+        assert_eq!(s, State::Killed);
+        assert_eq!(e, vec![Effect::KillGroup, Effect::StartTimedOut]);
         let (_, e) = transition(s, Event::Exited(ExitStatus::Signal(9)), STOP);
         assert_eq!(
             e,
