@@ -330,7 +330,7 @@ impl Generations {
                 continue;
             }
             if !replaced.contains(&w.slot) || w.slot >= serving_slots {
-                self.feed(now, i, stop_or_kill(w.state, now));
+                self.feed(now, i, WorkerEvent::Stop(now));
             }
         }
         let reason = self
@@ -492,7 +492,9 @@ impl Generations {
             // After a roll-back, a new worker still serving is one whose slot could not be
             // given back yet: it stays until a serving-generation worker is ready there.
             if self.workers[i].generation == r.generation && rolled.is_none() {
-                self.feed(now, i, stop_or_kill(self.workers[i].state, now));
+                // Asked to stop, not killed: even one the machine does not know ready yet may
+                // have taken connections (its READY=1 still on its way); those are answered.
+                self.feed(now, i, WorkerEvent::Stop(now));
             }
         }
         self.out.push(Action::DiscardReload {
@@ -528,16 +530,5 @@ impl Generations {
         // Workers of the serving generation that exited (and were not restarted, by policy)
         // while this reload was under way leave nothing to serve now.
         self.stop_if_nothing_left(now);
-    }
-}
-
-/// How a failed generation's worker goes: one that said it is ready (or is being probed) may
-/// have taken connections from the shared sockets already, so it is asked to stop and what it
-/// accepted is answered (SIGKILL at its stop timeout); one that never said so is killed, so
-/// that a worker hung in its boot cannot hold anything up for its stop timeout.
-fn stop_or_kill(state: State, now: Instant) -> WorkerEvent {
-    match state {
-        State::Ready | State::Probing { .. } => WorkerEvent::Stop(now),
-        _ => WorkerEvent::Kill,
     }
 }
