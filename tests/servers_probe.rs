@@ -47,8 +47,8 @@ fn generation(body: &str) -> Option<u64> {
     body.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// What the clients saw: requests, failed connections (unix time in ns, error), and the
-/// answers counted by (generation, status) — generation 0 for a body that names none.
+/// What the clients saw: requests, failed requests (unix time in ns, error: no connection, no
+/// answer, or an answer cut before its body), and the answers counted by (generation, status).
 #[derive(Default, Debug)]
 struct Tally {
     requests: u64,
@@ -84,9 +84,11 @@ impl HttpLoad {
                     while !stop.load(Ordering::SeqCst) && start.elapsed() < DEADLINE * 4 {
                         t.requests += 1;
                         match get(port, "/") {
-                            Ok((status, body)) => {
-                                *t.answers.entry((generation(&body).unwrap_or(0), status)).or_default() += 1
-                            }
+                            Ok((status, body)) => match generation(&body) {
+                                Some(gen) => *t.answers.entry((gen, status)).or_default() += 1,
+                                // A cut answer: the headers and no body.
+                                None => t.failures.push((now_ns(), format!("answer {status} {body:?}"))),
+                            },
                             Err(e) => t.failures.push((now_ns(), e.to_string())),
                         }
                     }
@@ -149,6 +151,8 @@ struct Server<'a> {
     /// `command` (a TOML list) and more `[worker]` keys of the good releases.
     command: String,
     worker: String,
+    /// The good reload's `command`, if not the same.
+    reload_command: Option<String>,
     /// The same for the bad release, whose `/healthz` answers 500 and whose `/` still serves.
     bad_command: String,
     bad_worker: String,
@@ -171,6 +175,9 @@ fn probed(s: Server) {
 
     // (a) A good release: probed, committed, no request failed.
     let load = HttpLoad::start(port, 3);
+    if let Some(command) = &s.reload_command {
+        z.write_config(&daemon(port, command, &s.worker, PROBE));
+    }
     let out = zdd_ok(&z, &["reload"]);
     assert!(out.contains("reloaded: generation 2 serving"), "{out}");
     let second = z.started_pids()[1];
@@ -216,7 +223,8 @@ fn probed(s: Server) {
             .map_or(i128::MAX, ts_ns)
     };
     let old_stop = at("reload complete")..=exited(first);
-    let bad_kill = at("reload failed")..=exited(bad);
+    // The kill goes out in the step that logs `reload failed`, just before the record.
+    let bad_kill = at("reload failed") - 10_000_000..=exited(bad);
     let (mut during_stop, mut during_kill, mut other) = (vec![], vec![], vec![]);
     for (t, e) in &t.failures {
         let when = format!(
@@ -291,6 +299,7 @@ fn hypercorn_serves_the_probe_with_one_bind_per_fd() {
         test,
         command: command.clone(),
         worker: format!("cwd = \"{FIXTURES}\""),
+        reload_command: None,
         bad_command: command,
         bad_worker: format!("cwd = \"{FIXTURES}\"\n{}", health(500)),
         shutdown_drops: true,
@@ -308,6 +317,7 @@ fn node_serves_the_probe_with_one_server_per_fd() {
         test,
         command: command.clone(),
         worker: String::new(),
+        reload_command: None,
         bad_command: command,
         bad_worker: health(500),
         shutdown_drops: false,
@@ -326,6 +336,7 @@ fn go_net_http_serves_the_probe_with_a_listener_per_fd() {
         test,
         command: command.clone(),
         worker: String::new(),
+        reload_command: None,
         bad_command: command,
         bad_worker: health(500),
         shutdown_drops: false,
@@ -357,6 +368,7 @@ fn puma_serves_the_probe_with_bind_to_activated_sockets() {
         test,
         command: command.clone(),
         worker: cwd.clone(),
+        reload_command: None,
         bad_command: command,
         bad_worker: format!("{cwd}\n{}", health(500)),
         shutdown_drops: false,
@@ -410,8 +422,177 @@ fn lighttpd_serves_the_probe_with_socket_activation_alone() {
         test,
         command: cmd(&conf),
         worker: worker.clone(),
+        reload_command: None,
         bad_command: cmd(&bad),
         bad_worker: worker,
         shutdown_drops: false,
+    });
+}
+
+// ---- twisted and systemd-socket-proxyd -------------------------------------------------------
+
+/// Start and reload (to `reload_command`) under load with the default `ready` and no probe:
+/// both commit, no request fails (but what `shutdown_drops` allows while generation 1 stops).
+fn unprobed(test: &str, command: &str, worker: &str, reload_command: &str, shutdown_drops: bool) {
+    let port = free_port();
+    let z = Zdd::new(&daemon(port, command, worker, ""));
+    zdd_ok(&z, &["start"]);
+    let first = z.started_pids()[0];
+    let (status, body) = get(port, "/").unwrap();
+    assert_eq!((status, generation(&body)), (200, Some(1)), "{body}");
+    let load = HttpLoad::start(port, 3);
+    z.write_config(&daemon(port, reload_command, worker, ""));
+    let out = zdd_ok(&z, &["reload"]);
+    assert!(out.contains("reloaded: generation 2 serving"), "{out}");
+    wait_for("an answer from generation 2", DEADLINE, || {
+        let (status, body) = get(port, "/").expect("request failed");
+        (status == 200 && generation(&body) == Some(2)).then_some(())
+    });
+    wait_for("generation 1 to be gone", DEADLINE, || (!alive(first)).then_some(()));
+    let t = load.finish();
+    let stop = z.records_with("reload complete").first().map_or(i128::MAX, ts_ns)
+        ..=z.records_with("worker exited")
+            .into_iter()
+            .find(|r| r["pid"] == first)
+            .map_or(i128::MAX, |r| ts_ns(&r) + 50_000_000);
+    let (during_stop, other): (Vec<_>, Vec<_>) = t
+        .failures
+        .iter()
+        .map(|(t, e)| (*t, e.clone()))
+        .partition(|(t, _)| stop.contains(t));
+    let seen = z.records_with("worker listening");
+    eprintln!(
+        "MEASURE {test}: ready as {:?}; {} requests, answers by (generation, status) {:?}; failed: {} while generation 1 shut down {during_stop:?}, {} otherwise {other:?}",
+        seen.iter()
+            .map(|r| r["kind"].as_str().unwrap_or("?").to_string())
+            .collect::<Vec<_>>(),
+        t.requests,
+        t.answers,
+        during_stop.len(),
+        other.len(),
+    );
+    assert!(other.is_empty(), "{} of {} failed: {other:?}", other.len(), t.requests);
+    assert!(
+        shutdown_drops || during_stop.is_empty(),
+        "failed while generation 1 shut down: {during_stop:?}"
+    );
+    assert!(
+        t.answers
+            .keys()
+            .all(|&(g, status)| (1..=2).contains(&g) && status == 200),
+        "{t:?}"
+    );
+    stop_daemon(&z);
+}
+
+fn twist(listen: &[usize]) -> String {
+    let mut args = vec!["python3".to_string(), "-m".into(), "twisted".into(), "web".into()];
+    for i in listen {
+        args.extend(["--listen".into(), format!("systemd:domain=INET:index={i}")]);
+    }
+    args.extend(["--wsgi".into(), "wsgi_app.app".into()]);
+    toml_list(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+#[test]
+fn twisted_starts_and_reloads_with_the_default_ready() {
+    let test = "twisted_starts_and_reloads_with_the_default_ready";
+    if !python_has("twisted") {
+        return missing(test, "python3 -m twisted not importable (pip install twisted)");
+    }
+    let command = twist(&[0]);
+    unprobed(test, &command, &format!("cwd = \"{FIXTURES}\""), &command, false);
+}
+
+#[test]
+fn twisted_serves_the_probe_with_one_listen_per_fd() {
+    let test = "twisted_serves_the_probe_with_one_listen_per_fd";
+    if !python_has("twisted") {
+        return missing(test, "python3 -m twisted not importable (pip install twisted)");
+    }
+    let command = twist(&[0, 1]);
+    probed(Server {
+        test,
+        command: command.clone(),
+        worker: format!("cwd = \"{FIXTURES}\""),
+        reload_command: None,
+        bad_command: command,
+        bad_worker: format!("cwd = \"{FIXTURES}\"\n{}", health(500)),
+        shutdown_drops: false,
+    });
+}
+
+/// A backend for systemd-socket-proxyd: answers `/` with "0 {label}" and `/healthz` with
+/// `health`, one request per connection. Its port.
+fn backend(label: u64, health: u16) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let (mut head, mut buf) = (Vec::new(), [0u8; 1024]);
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let (status, body) = if head.starts_with(b"GET /healthz ") {
+                    (health, format!("health {health}\n"))
+                } else {
+                    (200, format!("0 {label}\n"))
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.0 {status} Backend\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    port
+}
+
+fn socket_proxyd() -> Option<&'static str> {
+    [
+        "/lib/systemd/systemd-socket-proxyd",
+        "/usr/lib/systemd/systemd-socket-proxyd",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+}
+
+fn proxyd(program: &str, backend: u16) -> String {
+    toml_list(&[program, &format!("127.0.0.1:{backend}")])
+}
+
+#[test]
+fn systemd_socket_proxyd_starts_and_reloads_with_the_default_ready() {
+    let test = "systemd_socket_proxyd_starts_and_reloads_with_the_default_ready";
+    let Some(program) = socket_proxyd() else {
+        return missing(test, "systemd-socket-proxyd not installed (Debian package systemd)");
+    };
+    // Each generation proxies to its own backend, whose answers name it.
+    let (one, two) = (backend(1, 200), backend(2, 200));
+    // It has no graceful stop: TERM closes the connections it is proxying.
+    unprobed(test, &proxyd(program, one), "", &proxyd(program, two), true);
+}
+
+#[test]
+fn systemd_socket_proxyd_passes_the_probe_to_its_backend() {
+    let test = "systemd_socket_proxyd_passes_the_probe_to_its_backend";
+    let Some(program) = socket_proxyd() else {
+        return missing(test, "systemd-socket-proxyd not installed (Debian package systemd)");
+    };
+    let (one, two, three) = (backend(1, 200), backend(2, 200), backend(3, 500));
+    probed(Server {
+        test,
+        command: proxyd(program, one),
+        worker: String::new(),
+        reload_command: Some(proxyd(program, two)),
+        bad_command: proxyd(program, three),
+        bad_worker: String::new(),
+        // It has no graceful stop: TERM closes the connections it is proxying.
+        shutdown_drops: true,
     });
 }
