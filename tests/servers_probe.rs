@@ -222,7 +222,8 @@ fn probed(s: Server) {
             .find(|r| r["msg"].as_str().is_some_and(|m| m.starts_with(msg)))
             .map_or(i128::MAX, ts_ns)
     };
-    let old_stop = at("reload complete")..=exited(first);
+    // The stop signal goes out in the step that logs `reload complete`, just before it.
+    let old_stop = at("reload complete") - 10_000_000..=exited(first);
     // The kill goes out in the step that logs `reload failed`, just before the record.
     let bad_kill = at("reload failed") - 10_000_000..=exited(bad);
     let (mut during_stop, mut during_kill, mut other) = (vec![], vec![], vec![]);
@@ -450,7 +451,9 @@ fn unprobed(test: &str, command: &str, worker: &str, reload_command: &str, shutd
     });
     wait_for("generation 1 to be gone", DEADLINE, || (!alive(first)).then_some(()));
     let t = load.finish();
-    let stop = z.records_with("reload complete").first().map_or(i128::MAX, ts_ns)
+    // From the stop signal (sent in the step that logs `reload complete`, just before it)
+    // until generation 1 exited.
+    let stop = z.records_with("reload complete").first().map_or(i128::MAX, ts_ns) - 10_000_000
         ..=z.records_with("worker exited")
             .into_iter()
             .find(|r| r["pid"] == first)
