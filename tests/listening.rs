@@ -14,27 +14,11 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-
-/// A prerequisite is missing: say so loudly, or fail when running under CI.
-fn missing(test: &str, why: &str) {
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: {why} (CI is set: a missing prerequisite is a failure; run .ci/install-deps)"
-    );
-    eprintln!("\n*** SKIPPED {test}: {why} (run .ci/install-deps) ***\n");
-}
-
-fn runs(program: &str, args: &[&str]) -> bool {
-    std::process::Command::new(program)
-        .args(args)
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 /// One HTTP/1.0 request; the answer's last line is "<pid> <generation>".
 fn http_ask(port: u16) -> std::io::Result<(i32, u64)> {
@@ -52,27 +36,6 @@ fn http_ask(port: u16) -> std::io::Result<(i32, u64)> {
     let pid = it.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
     let gen = it.next().and_then(|g| g.parse().ok()).ok_or_else(bad)?;
     Ok((pid, gen))
-}
-
-/// Unix time in ns of a log record's `ts` (`2026-11-25T14:51:40.156034384Z`).
-fn ts_ns(r: &serde_json::Value) -> i128 {
-    let ts = r["ts"].as_str().unwrap();
-    let (date, time) = ts.trim_end_matches('Z').split_once('T').unwrap();
-    let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
-    let (y, m, day) = (d[0] - i64::from(d[1] <= 2), d[1], d[2]);
-    // Days since the epoch (Howard Hinnant's days_from_civil).
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let t: Vec<i64> = hms.split(':').map(|x| x.parse().unwrap()).collect();
-    let frac_ns: i128 = format!("{frac:0<9}")[..9].parse().unwrap();
-    i128::from(days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1_000_000_000 + frac_ns
-}
-
-fn now_ns() -> i128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128
 }
 
 /// One client's requests, failures (unix time in ns, error) and the (generation, pid) of its
@@ -238,10 +201,6 @@ fn listening_server(s: Server) {
     z.stop();
 }
 
-fn python_has(module: &str) -> bool {
-    runs("python3", &["-c", &format!("import {module}")])
-}
-
 #[test]
 fn uvicorn_is_seen_listening_and_reloads_without_ready_1() {
     let test = "uvicorn_is_seen_listening_and_reloads_without_ready_1";
@@ -299,22 +258,8 @@ fn go_net_http_is_seen_listening_and_reloads() {
     if !runs("go", &["version"]) {
         return missing(test, "go not installed (Debian package golang-go)");
     }
-    let gohome = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go");
     let out = tempfile::tempdir().unwrap();
-    let server = out.path().join("go_server");
-    let build = std::process::Command::new("go")
-        .args(["build", "-o"])
-        .arg(&server)
-        .arg(format!("{FIXTURES}/go_server.go"))
-        .env("GOCACHE", gohome.join("cache"))
-        .env("GOPATH", gohome.join("path"))
-        .env("GO111MODULE", "off")
-        .env("GOTOOLCHAIN", "local")
-        .env("GOFLAGS", "")
-        .env("CGO_ENABLED", "0")
-        .output()
-        .unwrap();
-    assert!(build.status.success(), "go build failed:\n{}", stderr(&build));
+    let server = build_go_server(out.path());
     listening_server(Server {
         test,
         command: format!("[\"{}\"]", server.display()),

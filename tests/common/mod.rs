@@ -492,3 +492,70 @@ pub fn pipe_full(fd: std::os::fd::RawFd) -> bool {
     };
     r == 0 && size > 0 && queued + 4096 >= size
 }
+
+// Real servers (tests/listening.rs, tests/servers_probe.rs).
+
+/// A prerequisite is missing: say so loudly, or fail when running under CI.
+pub fn missing(test: &str, why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: {why} (CI is set: a missing prerequisite is a failure; run .ci/install-deps)"
+    );
+    eprintln!("\n*** SKIPPED {test}: {why} (run .ci/install-deps) ***\n");
+}
+
+/// Whether `program args` runs and exits 0.
+pub fn runs(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+pub fn python_has(module: &str) -> bool {
+    runs("python3", &["-c", &format!("import {module}")])
+}
+
+/// Build tests/fixtures/go_server.go into `dir`; its path.
+pub fn build_go_server(dir: &Path) -> PathBuf {
+    let gohome = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go");
+    let server = dir.join("go_server");
+    let build = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&server)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/go_server.go"))
+        .env("GOCACHE", gohome.join("cache"))
+        .env("GOPATH", gohome.join("path"))
+        .env("GO111MODULE", "off")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "")
+        .env("CGO_ENABLED", "0")
+        .output()
+        .unwrap();
+    assert!(build.status.success(), "go build failed:\n{}", stderr(&build));
+    server
+}
+
+/// Unix time in ns of a log record's `ts` (`2026-11-25T14:51:40.156034384Z`).
+pub fn ts_ns(r: &serde_json::Value) -> i128 {
+    let ts = r["ts"].as_str().unwrap();
+    let (date, time) = ts.trim_end_matches('Z').split_once('T').unwrap();
+    let d: Vec<i64> = date.split('-').map(|x| x.parse().unwrap()).collect();
+    let (y, m, day) = (d[0] - i64::from(d[1] <= 2), d[1], d[2]);
+    // Days since the epoch (Howard Hinnant's days_from_civil).
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let t: Vec<i64> = hms.split(':').map(|x| x.parse().unwrap()).collect();
+    let frac_ns: i128 = format!("{frac:0<9}")[..9].parse().unwrap();
+    i128::from(days * 86_400 + t[0] * 3600 + t[1] * 60 + t[2]) * 1_000_000_000 + frac_ns
+}
+
+pub fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i128
+}
