@@ -25,8 +25,8 @@ use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    rlimit_resource, Compat, Config, Credentials, HooksConfig, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig,
-    ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig,
+    rlimit_resource, Compat, Config, Credentials, HooksConfig, ListenAddr, ListenConfig, LogFormat, LogTarget,
+    MasterConfig, ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig,
 };
 
 /// [`Config`] as data.

@@ -575,7 +575,11 @@ fn bad_hooks_are_placed_and_named() {
     for (body, at, what) in [
         ("befor_reload = [\"/bin/true\"]", "7:1", "unknown field `befor_reload`"),
         ("before_reload = []", "7:17", "hooks.before_reload: must name a program"),
-        ("after_reload = [\"\"]", "7:16", "hooks.after_reload: must name a program"),
+        (
+            "after_reload = [\"\"]",
+            "7:16",
+            "hooks.after_reload: must name a program",
+        ),
         ("before_reload = \"/bin/true\"", "7:17", "hooks.before_reload"),
         ("timeout = \"0s\"", "7:11", "hooks.timeout: must be longer than 0s"),
         ("timeout = \"soon\"", "7:11", "hooks.timeout: invalid duration"),

@@ -17,9 +17,9 @@ use super::checks::{
 };
 use super::raw::{LimitValue, Octal, RawHooks, RawLimit, RawListen, RawMaster, RawProbe, RawStatus, RawWorker, Source};
 use super::{
-    cut, shown, Compat, ConfigError, Credentials, HooksConfig, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig,
-    ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig, MAX_ARGS_TOTAL, MAX_ARG_LEN,
-    MAX_DURATION, MAX_SHOWN, HOOK_TIMEOUT, PROBE_NAME,
+    cut, shown, Compat, ConfigError, Credentials, HooksConfig, ListenAddr, ListenConfig, LogFormat, LogTarget,
+    MasterConfig, ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig, HOOK_TIMEOUT,
+    MAX_ARGS_TOTAL, MAX_ARG_LEN, MAX_DURATION, MAX_SHOWN, PROBE_NAME,
 };
 
 /// A `LISTEN_FDNAMES` entry: 1 to 255 printable ASCII characters without ':'.
