@@ -8,8 +8,8 @@
 //! it into events, in this fixed order: signals → reaping children → readiness messages →
 //! control requests → log lines → due looks at starting workers (`ready = "listening"`,
 //! [`readiness`]) → the upgrade check's deadline.
-//! control requests → log lines → the workers' probes (probes.rs) → the upgrade check's
-//! deadline.
+//! control requests → log lines (the workers', then the reload hooks', hooks.rs) → the
+//! workers' probes (probes.rs) → the upgrade check's deadline → the hooks' deadlines.
 //!
 //! The loop carries out the machine's actions ([`actions`]): spawn, signal, prepare, commit or
 //! discard a reload ([`reload`]), reply, log, tell systemd; what an action produced (a pid, a
@@ -55,6 +55,7 @@ mod actions;
 mod commands;
 mod generations;
 pub mod handover;
+mod hooks;
 mod pipes;
 mod probes;
 mod readiness;
@@ -127,6 +128,8 @@ pub struct Master {
     control_paused_until: Option<Instant>,
     /// The new binary being checked before an upgrade's exec.
     upgrade_check: Option<UpgradeCheck>,
+    /// The reload hooks running (hooks.rs).
+    hooks: Vec<hooks::RunningHook>,
     /// The workers' probes in flight and the schedule of `interval` probes (probes.rs).
     probes: probes::Probes,
     /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
@@ -205,6 +208,7 @@ impl Master {
             worker_nofile: p.worker_nofile,
             control_paused_until: None,
             upgrade_check: None,
+            hooks: Vec::new(),
             probes: probes::Probes::default(),
             systemd: SystemdNotifier::from_env(),
             cgroups: p.cgroups,
@@ -247,6 +251,7 @@ impl Master {
             self.read_notify();
             self.serve_control(&ready);
             self.pump_pipes(&ready);
+            self.pump_hooks(&ready);
             self.look_for_listening();
             self.service_probes();
             if self
@@ -256,6 +261,7 @@ impl Master {
             {
                 self.upgrade_checked(None);
             }
+            self.hook_deadlines();
         };
         self.shut_down(code)
     }
@@ -314,6 +320,9 @@ impl Master {
             for (_, _, p) in &self.orphan_pipes {
                 add(&mut fds, p.raw_fd());
             }
+            for fd in self.hook_fds() {
+                add(&mut fds, fd);
+            }
         }
         if let Some(fd) = self.sink.poll_fd() {
             fds.push(libc::pollfd {
@@ -367,6 +376,7 @@ impl Master {
             .chain(self.upgrade_check.as_ref().map(|c| c.deadline))
             .chain(self.next_look())
             .chain(self.probes.next_deadline())
+            .chain(self.hook_deadline())
             .min()
     }
 
@@ -406,6 +416,8 @@ impl Master {
             };
             if let Some(w) = self.workers.iter().find(|w| w.pid == pid) {
                 w.kill_leftovers();
+            } else if self.is_hook(pid) {
+                let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
             }
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Err(Errno::EINTR) => continue,
@@ -427,6 +439,9 @@ impl Master {
     fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
         if self.upgrade_check.as_ref().is_some_and(|c| c.pid == pid) {
             return self.upgrade_checked(Some(status));
+        }
+        if self.is_hook(pid) {
+            return self.hook_exited(pid, status);
         }
         // Everything it wrote is in its pipes now: read it before the machine judges the exit.
         if let Some(i) = self.workers.iter().position(|w| w.pid == pid) {

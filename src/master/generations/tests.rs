@@ -16,6 +16,8 @@ fn params(count: usize) -> Params {
         probe: None,
         rolling: None,
         stable_after: Duration::ZERO,
+        before_reload: None,
+        after_reload: false,
     }
 }
 
@@ -57,6 +59,8 @@ struct Sim {
     fail_spawn: Vec<(u64, usize)>,
     /// What the next reload's preparation gives.
     next: Result<Params, String>,
+    /// How a hook asked for ends, at once; None: it runs until the test says (HookDone).
+    hook: Option<HookResult>,
 }
 
 impl Sim {
@@ -67,6 +71,7 @@ impl Sim {
             now: Instant::now(),
             next_pid: 100,
             fail_spawn: vec![],
+            hook: None,
         }
     }
 
@@ -119,6 +124,11 @@ impl Sim {
                 Action::PrepareReload { generation, .. } => Some(match self.next.clone() {
                     Ok(params) => Event::ReloadPrepared { generation, params },
                     Err(message) => Event::ReloadPrepareFailed { generation, message },
+                }),
+                Action::RunHook { which, generation } => self.hook.clone().map(|result| Event::HookDone {
+                    which,
+                    generation,
+                    result,
                 }),
                 _ => None,
             };
@@ -1628,3 +1638,6 @@ fn a_new_generation_that_fails_its_probes_within_stable_after_keeps_the_old_one_
         "the old worker was killed while no new one serves"
     );
 }
+
+#[path = "hooks_tests.rs"]
+mod hooks;
