@@ -27,6 +27,10 @@
 //! `SERVER_STARTER_PORT` ends with `127.0.0.1:<port>=<fd>`, so that a server written for
 //! einhorn or Server::Starter that serves every socket it is given answers the probe too.
 //!
+//! A reload hook (`[hooks]`, src/master/hooks.rs) is started the same way ([`HookRun`]): the
+//! hook's argv instead of the worker's command, no listeners, and an environment without
+//! `LISTEN_*`, `NOTIFY_SOCKET`, `ZDD_SLOT` and the compat variables, with `ZDD_HOOK` instead.
+//!
 //! A step that fails writes (step, errno) to a close-on-exec pipe and exits 127; the master
 //! reads that pipe until EOF (exec closes it), so exec errors are reported precisely and
 //! synchronously: `exec /no/such/server: no such file or directory (ENOENT)`. That read is
