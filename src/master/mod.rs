@@ -6,10 +6,9 @@
 //! then polls the signal self-pipe, the notify socket, the control socket and its connections
 //! and every worker's log pipes, with the earliest deadline as the timeout, and turns what woke
 //! it into events, in this fixed order: signals → reaping children → readiness messages →
-//! control requests → log lines → due looks at starting workers (`ready = "listening"`,
-//! [`readiness`]) → the upgrade check's deadline.
-//! control requests → log lines (the workers', then the reload hooks', hooks.rs) → the
-//! workers' probes (probes.rs) → the upgrade check's deadline → the hooks' deadlines.
+//! control requests → log lines (the workers', then the reload hooks', hooks.rs) → due looks
+//! at starting workers (`ready = "listening"`, [`readiness`]) → the workers' probes
+//! (probes.rs) → the upgrade check's deadline → the hooks' deadlines.
 //!
 //! The loop carries out the machine's actions ([`actions`]): spawn, signal, prepare, commit or
 //! discard a reload ([`reload`]), reply, log, tell systemd; what an action produced (a pid, a
