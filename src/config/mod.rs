@@ -233,6 +233,32 @@ pub struct ProbeConfig {
     pub failures: u32,
 }
 
+/// `[hooks]`, validated: commands run around a reload (src/master/hooks.rs). Each is an argv,
+/// run like a worker (its user, group, env, cwd, rlimits, umask) but without listeners.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HooksConfig {
+    /// Runs after the new config is read and before any new worker starts; failing, it fails
+    /// the reload.
+    pub before_reload: Option<Vec<String>>,
+    /// Runs once the new generation serves; failing, it is logged.
+    pub after_reload: Option<Vec<String>>,
+    /// Each hook's limit; then its process group is killed.
+    pub timeout: Duration,
+}
+
+/// The default `[hooks] timeout`.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            before_reload: None,
+            after_reload: None,
+            timeout: HOOK_TIMEOUT,
+        }
+    }
+}
+
 /// The default `[worker.probe] name`.
 pub const PROBE_NAME: &str = "zdd-probe";
 
@@ -281,6 +307,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub rlimits: Vec<Rlimit>,
     pub listen: Vec<ListenConfig>,
+    /// `[hooks]` (none configured: the default).
+    pub hooks: HooksConfig,
 }
 
 /// Read, parse and validate a config file, and check it against the host as `start` will
@@ -392,6 +420,10 @@ pub fn parse_with(path: &Path, text: &str, checks: Checks) -> Result<Config, Con
             ));
         }
     }
+    let hooks = match &raw.hooks {
+        Some(h) => v.hooks(h, &worker)?,
+        None => HooksConfig::default(),
+    };
     Ok(Config {
         path: path.to_path_buf(),
         source: text.to_string(),
@@ -399,6 +431,7 @@ pub fn parse_with(path: &Path, text: &str, checks: Checks) -> Result<Config, Con
         worker,
         rlimits,
         listen,
+        hooks,
     })
 }
 

@@ -22,6 +22,16 @@ pub(super) struct RawConfig {
     pub(super) rlimits: BTreeMap<String, Spanned<RawLimit>>,
     #[serde(default)]
     pub(super) listen: Vec<Spanned<RawListen>>,
+    pub(super) hooks: Option<Spanned<RawHooks>>,
+}
+
+/// `[hooks]`: commands run around a reload.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHooks {
+    pub(super) before_reload: Option<Spanned<Vec<String>>>,
+    pub(super) after_reload: Option<Spanned<Vec<String>>>,
+    pub(super) timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -25,8 +25,8 @@ use nix::unistd::{Gid, Uid};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    rlimit_resource, Compat, Config, Credentials, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig,
-    ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig,
+    rlimit_resource, Compat, Config, Credentials, HooksConfig, ListenAddr, ListenConfig, LogFormat, LogTarget,
+    MasterConfig, ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig,
 };
 
 /// [`Config`] as data.
@@ -39,6 +39,43 @@ pub struct ConfigState {
     pub worker: WorkerState,
     pub rlimits: Vec<RlimitState>,
     pub listen: Vec<ListenState>,
+    /// Absent in a state written by a zdd without hooks: none configured.
+    #[serde(default)]
+    pub hooks: HooksState,
+}
+
+/// [`HooksConfig`] as data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HooksState {
+    pub before_reload: Option<Vec<String>>,
+    pub after_reload: Option<Vec<String>>,
+    pub timeout: Duration,
+}
+
+impl Default for HooksState {
+    fn default() -> Self {
+        HooksState::from(&HooksConfig::default())
+    }
+}
+
+impl From<&HooksConfig> for HooksState {
+    fn from(h: &HooksConfig) -> Self {
+        HooksState {
+            before_reload: h.before_reload.clone(),
+            after_reload: h.after_reload.clone(),
+            timeout: h.timeout,
+        }
+    }
+}
+
+impl From<HooksState> for HooksConfig {
+    fn from(h: HooksState) -> Self {
+        HooksConfig {
+            before_reload: h.before_reload,
+            after_reload: h.after_reload,
+            timeout: h.timeout,
+        }
+    }
 }
 
 /// [`MasterConfig`] as data.
@@ -321,6 +358,7 @@ impl From<&Config> for ConfigState {
                     group: l.group.map(Gid::as_raw),
                 })
                 .collect(),
+            hooks: HooksState::from(&c.hooks),
         }
     }
 }
@@ -337,6 +375,7 @@ impl ConfigState {
             worker: w,
             rlimits,
             listen,
+            hooks,
         } = self;
         let stop_signal = w
             .stop_signal
@@ -428,6 +467,7 @@ impl ConfigState {
                     group: l.group.map(Gid::from_raw),
                 })
                 .collect(),
+            hooks: HooksConfig::from(hooks),
         })
     }
 }
@@ -493,6 +533,17 @@ mod tests {
         let back: ConfigState = serde_json::from_value(v).unwrap();
         assert_eq!(back.worker.probe, None);
         assert_eq!(back.into_config().unwrap().worker.probe, None);
+    }
+
+    /// A state written by a zdd without hooks (no `hooks` key) still reads: none, the default
+    /// timeout.
+    #[test]
+    fn a_state_without_hooks_reads_as_none() {
+        let mut v = serde_json::to_value(ConfigState::from(&every_key())).unwrap();
+        assert!(v["hooks"]["before_reload"].is_array());
+        v.as_object_mut().unwrap().remove("hooks");
+        let back: ConfigState = serde_json::from_value(v).unwrap();
+        assert_eq!(back.into_config().unwrap().hooks, HooksConfig::default());
     }
 
     #[test]

@@ -85,6 +85,10 @@ group = "0"
 [[listen]]
 name = "abs"
 unix = "@zdd-test"
+[hooks]
+before_reload = ["bin/check-app", "--strict"]
+after_reload = ["/bin/true"]
+timeout = "5s"
 "#;
 
 #[test]
@@ -113,6 +117,12 @@ fn every_key_is_read() {
     assert_eq!(c.listen[1].addr, ListenAddr::Unix("/etc/zdd/admin.sock".into()));
     assert_eq!(c.listen[1].mode, Some(0o660));
     assert_eq!(c.listen[2].addr, ListenAddr::Abstract("zdd-test".into()));
+    assert_eq!(
+        c.hooks.before_reload,
+        Some(vec!["bin/check-app".to_string(), "--strict".to_string()])
+    );
+    assert_eq!(c.hooks.after_reload, Some(vec!["/bin/true".to_string()]));
+    assert_eq!(c.hooks.timeout, Duration::from_secs(5));
     let probe = c.worker.probe.as_ref().unwrap();
     assert_eq!(
         probe.check,
@@ -547,4 +557,50 @@ fn signals_parse_in_every_spelling() {
     assert_eq!(parse_signal("SIGINT").unwrap(), Signal::SIGINT);
     assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
     assert!(parse_signal("FOO").is_err());
+}
+
+#[test]
+fn no_hooks_by_default_and_a_30s_timeout() {
+    let c = p(MIN).unwrap();
+    assert_eq!(c.hooks, HooksConfig::default());
+    assert_eq!(c.hooks.timeout, Duration::from_secs(30));
+    let c = p(&format!("{MIN}[hooks]\nafter_reload = [\"/bin/true\"]\n")).unwrap();
+    assert_eq!(c.hooks.before_reload, None);
+    assert_eq!(c.hooks.timeout, HOOK_TIMEOUT);
+}
+
+#[test]
+fn bad_hooks_are_placed_and_named() {
+    // MIN has 5 lines; [hooks] is line 6.
+    for (body, at, what) in [
+        ("befor_reload = [\"/bin/true\"]", "7:1", "unknown field `befor_reload`"),
+        ("before_reload = []", "7:17", "hooks.before_reload: must name a program"),
+        (
+            "after_reload = [\"\"]",
+            "7:16",
+            "hooks.after_reload: must name a program",
+        ),
+        ("before_reload = \"/bin/true\"", "7:17", "hooks.before_reload"),
+        ("timeout = \"0s\"", "7:11", "hooks.timeout: must be longer than 0s"),
+        ("timeout = \"soon\"", "7:11", "hooks.timeout: invalid duration"),
+        ("timeout = \"25h\"", "7:11", "hooks.timeout"),
+    ] {
+        let e = err(&format!("{MIN}[hooks]\n{body}\n"));
+        assert!(e.starts_with(&format!("/etc/zdd/app.toml:{at}: ")), "{body}: {e}");
+        assert!(e.contains(what), "{body}: {e}");
+    }
+}
+
+#[test]
+fn a_hook_program_is_resolved_like_the_workers_at_reload() {
+    let text = format!("{MIN}[hooks]\nbefore_reload = [\"no-such-hook-zdd\"]\n");
+    // The text alone (an upgraded master's re-read) does not look at the host.
+    assert!(p(&text).is_ok());
+    let e = parse_with(Path::new("/etc/zdd/app.toml"), &text, Checks::Reload)
+        .unwrap_err()
+        .to_string();
+    assert!(e.starts_with("/etc/zdd/app.toml:7:17: hooks.before_reload: "), "{e}");
+    assert!(e.contains("\"no-such-hook-zdd\" not found in PATH"), "{e}");
+    let text = format!("{MIN}[hooks]\nafter_reload = [\"sh\", \"-c\", \"true\"]\n");
+    assert!(parse_with(Path::new("/etc/zdd/app.toml"), &text, Checks::Reload).is_ok());
 }

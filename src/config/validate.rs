@@ -15,11 +15,11 @@ use super::checks::{
     check_cwd, check_log_path, check_program, check_rlimit, check_runtime_dir, default_runtime_dir, lookup_group,
     lookup_user, rlimit_resource, Checks, RLIMIT_NAMES,
 };
-use super::raw::{LimitValue, Octal, RawLimit, RawListen, RawMaster, RawProbe, RawStatus, RawWorker, Source};
+use super::raw::{LimitValue, Octal, RawHooks, RawLimit, RawListen, RawMaster, RawProbe, RawStatus, RawWorker, Source};
 use super::{
-    cut, shown, Compat, ConfigError, Credentials, ListenAddr, ListenConfig, LogFormat, LogTarget, MasterConfig,
-    ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig, MAX_ARGS_TOTAL, MAX_ARG_LEN,
-    MAX_DURATION, MAX_SHOWN, PROBE_NAME,
+    cut, shown, Compat, ConfigError, Credentials, HooksConfig, ListenAddr, ListenConfig, LogFormat, LogTarget,
+    MasterConfig, ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig, HOOK_TIMEOUT,
+    MAX_ARGS_TOTAL, MAX_ARG_LEN, MAX_DURATION, MAX_SHOWN, PROBE_NAME,
 };
 
 /// A `LISTEN_FDNAMES` entry: 1 to 255 printable ASCII characters without ':'.
@@ -763,6 +763,58 @@ impl Validator<'_> {
             mode,
             owner,
             group,
+        })
+    }
+
+    /// `[hooks]`: each command an argv like `worker.command`, resolved the same way (the
+    /// worker's PATH and cwd, since a hook runs as the worker would); `timeout` above zero.
+    pub(super) fn hooks(&self, h: &Spanned<RawHooks>, worker: &WorkerConfig) -> Result<HooksConfig, ConfigError> {
+        let h = h.get_ref();
+        let argv = |v: &Option<Spanned<Vec<String>>>, key: &str| -> Result<Option<Vec<String>>, ConfigError> {
+            let Some(v) = v else { return Ok(None) };
+            let command = v.get_ref();
+            if command.is_empty() || command[0].is_empty() {
+                return Err(self.err(v.span(), key, "must name a program: [\"/path/to/check\", \"arg\", ...]"));
+            }
+            if command.iter().any(|a| a.contains('\0')) {
+                return Err(self.err(v.span(), key, "arguments must not contain NUL bytes"));
+            }
+            if let Some((i, a)) = command.iter().enumerate().find(|(_, a)| a.len() > MAX_ARG_LEN) {
+                return Err(self.err(
+                    v.span(),
+                    key,
+                    format!(
+                        "argument {i} is {} bytes long; exec takes at most {MAX_ARG_LEN} bytes per argument",
+                        a.len()
+                    ),
+                ));
+            }
+            // The hook gets the worker's env: count both, as exec will.
+            let total: usize = command
+                .iter()
+                .map(String::len)
+                .chain(worker.env.iter().map(|(k, v)| k.len() + 1 + v.len()))
+                .map(|n| n + 1 + std::mem::size_of::<usize>())
+                .sum();
+            if total > MAX_ARGS_TOTAL {
+                return Err(self.err(
+                    v.span(),
+                    key,
+                    format!(
+                        "the command and worker.env take {total} bytes for exec; at most {MAX_ARGS_TOTAL} (1 MiB) are accepted"
+                    ),
+                ));
+            }
+            if self.checks >= Checks::Reload {
+                let dir = worker.cwd.clone().or_else(|| std::env::current_dir().ok());
+                check_program(&command[0], &worker.env, dir.as_deref()).map_err(|msg| self.err(v.span(), key, msg))?;
+            }
+            Ok(Some(command.clone()))
+        };
+        Ok(HooksConfig {
+            before_reload: argv(&h.before_reload, "hooks.before_reload")?,
+            after_reload: argv(&h.after_reload, "hooks.after_reload")?,
+            timeout: self.duration(&h.timeout, "hooks.timeout", HOOK_TIMEOUT, true)?,
         })
     }
 }

@@ -85,6 +85,20 @@ impl LineBatch {
         }
     }
 
+    /// The constant end of every line of a reload hook's stream (`[hooks]`): a worker's keys
+    /// and `hook`, the hook's name.
+    pub fn hook_tag(&self, hook: &str, pid: i32, generation: u64, stream: &str) -> Vec<u8> {
+        match self.format {
+            LogFormat::Text => {
+                format!(", pid: {pid}, generation: {generation}, stream: {stream}, hook: {hook}\n").into_bytes()
+            }
+            LogFormat::Json => {
+                format!(",\"pid\":{pid},\"generation\":{generation},\"stream\":\"{stream}\",\"hook\":\"{hook}\"}}\n")
+                    .into_bytes()
+            }
+        }
+    }
+
     /// Format one line, ending with `tag` (from [`LineBatch::tag`]); returns it as text
     /// (invalid UTF-8 replaced), for the worker's tail.
     pub fn push<'a>(&mut self, line: &'a [u8], tag: &[u8]) -> std::borrow::Cow<'a, str> {

@@ -26,6 +26,8 @@ impl Master {
             Action::Probe { pid } => return self.start_probe(pid),
             Action::PrepareReload { generation, .. } => return Some(self.prepare_reload(generation)),
             Action::CommitReload { generation } => self.commit_reload(generation),
+            Action::RunHook { which, generation } => return self.start_hook(which, generation),
+            Action::KillHook { which, generation } => self.kill_hook(which, generation),
             Action::DiscardReload { generation, failed } => self.discard_reload(generation, failed),
             Action::Reply { to, ok, message, data } => {
                 if let Some(c) = self.conns.get_mut(&to) {
@@ -98,22 +100,7 @@ impl Master {
             Some(p) if p.generation == generation => (Rc::clone(&p.config), p.listeners.clone()),
             _ => (Rc::clone(&self.config), self.listeners.clone()),
         };
-        // The master raised its own soft open-file limit; workers get the one it was given,
-        // unless [rlimits] sets one.
-        let mut rlimits = config.rlimits.clone();
-        if let Some((soft, hard)) = self.worker_nofile {
-            if !rlimits
-                .iter()
-                .any(|r| r.resource == nix::sys::resource::Resource::RLIMIT_NOFILE)
-            {
-                rlimits.push(config::Rlimit {
-                    resource: nix::sys::resource::Resource::RLIMIT_NOFILE,
-                    name: "nofile",
-                    soft,
-                    hard,
-                });
-            }
-        }
+        let rlimits = self.worker_rlimits(&config);
         // With a probe, the worker's private listener goes after every [[listen]] fd.
         let probe = match &config.worker.probe {
             Some(p) => Some(Rc::new(
@@ -137,6 +124,7 @@ impl Master {
             slot,
             rlimits: &rlimits,
             cgroup: cgroup.as_ref(),
+            hook: None,
         };
         let spawned = match spawn(&spec) {
             Ok(s) => s,
@@ -166,6 +154,28 @@ impl Master {
             }
         }
         Ok(spawned.pid)
+    }
+}
+
+impl Master {
+    /// The limits a worker (or hook) of `config` gets: `[rlimits]`, and the open-file limit the
+    /// master was given (it raised its own soft one) unless `[rlimits]` sets one.
+    pub(super) fn worker_rlimits(&self, config: &Config) -> Vec<config::Rlimit> {
+        let mut rlimits = config.rlimits.clone();
+        if let Some((soft, hard)) = self.worker_nofile {
+            if !rlimits
+                .iter()
+                .any(|r| r.resource == nix::sys::resource::Resource::RLIMIT_NOFILE)
+            {
+                rlimits.push(config::Rlimit {
+                    resource: nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    name: "nofile",
+                    soft,
+                    hard,
+                });
+            }
+        }
+        rlimits
     }
 }
 

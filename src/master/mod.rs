@@ -6,10 +6,10 @@
 //! then polls the signal self-pipe, the notify socket, the control socket and its connections
 //! and every worker's log pipes, with the earliest deadline as the timeout, and turns what woke
 //! it into events, in this fixed order: signals → reaping children → readiness messages →
-//! control requests → log lines → due looks at starting workers (`ready = "listening"`,
-//! [`readiness`]) → the upgrade check's deadline.
-//! control requests → log lines → the workers' probes (probes.rs) → the upgrade check's
-//! deadline.
+//! control requests → log lines (the workers', then the reload hooks', hooks.rs) → due looks
+//! at starting workers (`ready = "listening"`, [`readiness`]) → the workers' probes
+//! (probes.rs) → the serving workers' memory with `max_rss` (care.rs) → the upgrade check's
+//! deadline → the hooks' deadlines.
 //!
 //! The loop carries out the machine's actions ([`actions`]): spawn, signal, prepare, commit or
 //! discard a reload ([`reload`]), reply, log, tell systemd; what an action produced (a pid, a
@@ -56,6 +56,7 @@ mod care;
 mod commands;
 mod generations;
 pub mod handover;
+mod hooks;
 mod pipes;
 mod probes;
 mod readiness;
@@ -130,6 +131,8 @@ pub struct Master {
     upgrade_check: Option<UpgradeCheck>,
     /// With `max_rss`: when the serving workers' memory is measured next (care.rs).
     rss_check_at: Option<Instant>,
+    /// The reload hooks running (hooks.rs).
+    hooks: Vec<hooks::RunningHook>,
     /// The workers' probes in flight and the schedule of `interval` probes (probes.rs).
     probes: probes::Probes,
     /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
@@ -209,6 +212,7 @@ impl Master {
             control_paused_until: None,
             upgrade_check: None,
             rss_check_at: None,
+            hooks: Vec::new(),
             probes: probes::Probes::default(),
             systemd: SystemdNotifier::from_env(),
             cgroups: p.cgroups,
@@ -252,6 +256,7 @@ impl Master {
             self.serve_control(&ready);
             self.pump_pipes(&ready);
             self.check_rss();
+            self.pump_hooks(&ready);
             self.look_for_listening();
             self.service_probes();
             if self
@@ -261,6 +266,7 @@ impl Master {
             {
                 self.upgrade_checked(None);
             }
+            self.hook_deadlines();
         };
         self.shut_down(code)
     }
@@ -319,6 +325,9 @@ impl Master {
             for (_, _, p) in &self.orphan_pipes {
                 add(&mut fds, p.raw_fd());
             }
+            for fd in self.hook_fds() {
+                add(&mut fds, fd);
+            }
         }
         if let Some(fd) = self.sink.poll_fd() {
             fds.push(libc::pollfd {
@@ -373,6 +382,7 @@ impl Master {
             .chain(self.rss_check_at)
             .chain(self.next_look())
             .chain(self.probes.next_deadline())
+            .chain(self.hook_deadline())
             .min()
     }
 
@@ -412,6 +422,8 @@ impl Master {
             };
             if let Some(w) = self.workers.iter().find(|w| w.pid == pid) {
                 w.kill_leftovers();
+            } else if self.is_hook(pid) {
+                let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
             }
             match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Err(Errno::EINTR) => continue,
@@ -433,6 +445,9 @@ impl Master {
     fn on_exit(&mut self, pid: Pid, status: ExitStatus) {
         if self.upgrade_check.as_ref().is_some_and(|c| c.pid == pid) {
             return self.upgrade_checked(Some(status));
+        }
+        if self.is_hook(pid) {
+            return self.hook_exited(pid, status);
         }
         // Everything it wrote is in its pipes now: read it before the machine judges the exit.
         if let Some(i) = self.workers.iter().position(|w| w.pid == pid) {

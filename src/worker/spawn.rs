@@ -27,6 +27,10 @@
 //! `SERVER_STARTER_PORT` ends with `127.0.0.1:<port>=<fd>`, so that a server written for
 //! einhorn or Server::Starter that serves every socket it is given answers the probe too.
 //!
+//! A reload hook (`[hooks]`, src/master/hooks.rs) is started the same way ([`HookRun`]): the
+//! hook's argv instead of the worker's command, no listeners, and an environment without
+//! `LISTEN_*`, `NOTIFY_SOCKET`, `ZDD_SLOT` and the compat variables, with `ZDD_HOOK` instead.
+//!
 //! A step that fails writes (step, errno) to a close-on-exec pipe and exits 127; the master
 //! reads that pipe until EOF (exec closes it), so exec errors are reported precisely and
 //! synchronously: `exec /no/such/server: no such file or directory (ENOENT)`. That read is
@@ -87,6 +91,19 @@ pub struct SpawnSpec<'a> {
     pub rlimits: &'a [crate::config::Rlimit],
     /// The cgroup the child joins before exec, if the master has one for it.
     pub cgroup: Option<&'a crate::worker::cgroup::WorkerCgroup>,
+    /// Not a worker but a reload hook (`[hooks]`): this command instead of the worker's,
+    /// `ZDD_HOOK=<name>`, and none of `LISTEN_*`, `NOTIFY_SOCKET`, `ZDD_SLOT` or the compat
+    /// variables (pass no listeners). Everything else is the worker's: user, group, env, cwd,
+    /// rlimits, umask, its own process group, stdin /dev/null, stdout and stderr pipes.
+    pub hook: Option<HookRun<'a>>,
+}
+
+/// What makes a spawn a hook's (see [`SpawnSpec::hook`]).
+#[derive(Clone, Copy)]
+pub struct HookRun<'a> {
+    /// `before_reload` or `after_reload`, exported as `ZDD_HOOK`.
+    pub name: &'a str,
+    pub command: &'a [String],
 }
 
 /// How long the master waits for a forked child to reach exec (or report its failure).
@@ -114,6 +131,7 @@ fn inherited_is_removed(key: &OsStr) -> bool {
         || k.starts_with(b"WATCHDOG_")
         || k == b"ZDD_GENERATION"
         || k == b"ZDD_SLOT"
+        || k == b"ZDD_HOOK"
 }
 
 /// Resolve the program like execvp would, but in the master, before fork.
@@ -151,6 +169,11 @@ fn build_env(spec: &SpawnSpec<'_>) -> (Vec<Vec<u8>>, Vec<(usize, usize)>) {
         env.push(format!("{k}={v}").into_bytes());
     }
     env.push(format!("ZDD_GENERATION={}", spec.generation).into_bytes());
+    if let Some(hook) = &spec.hook {
+        // A hook is not a worker: no slot, no readiness, no sockets.
+        env.push(format!("ZDD_HOOK={}", hook.name).into_bytes());
+        return (env, Vec::new());
+    }
     env.push(format!("ZDD_SLOT={}", spec.slot).into_bytes());
     let mut notify = b"NOTIFY_SOCKET=".to_vec();
     notify.extend_from_slice(spec.notify_socket.as_os_str().as_bytes());
@@ -233,9 +256,10 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<Spawned, SpawnError> {
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| OsStr::new(v.as_str()).to_os_string())
         .or_else(|| std::env::var_os("PATH"));
-    let program = resolve_program(&w.command[0], path_var.as_deref())?;
+    let command = spec.hook.map_or(&w.command[..], |h| h.command);
+    let program = resolve_program(&command[0], path_var.as_deref())?;
     let program_c = cstring(program.as_os_str().as_bytes());
-    let argv: Vec<CString> = w.command.iter().map(|a| cstring(a.as_bytes())).collect();
+    let argv: Vec<CString> = command.iter().map(|a| cstring(a.as_bytes())).collect();
     let mut argv_ptrs: Vec<*const c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
 

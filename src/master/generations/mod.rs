@@ -28,6 +28,12 @@
 //! over. Whenever a serving-generation worker becomes ready, any worker of a generation that
 //! never committed left in its slot is stopped ("superseded").
 //!
+//! Hooks (`[hooks]`): with before_reload, a prepared reload first asks the loop to run the
+//! hook ([`Action::RunHook`]) and spawns no worker until [`Event::HookDone`] says it passed; a
+//! failed hook fails the reload like a failed worker, with nothing started. after_reload is
+//! asked for after the commit; its outcome is only logged, and the next reload waits for it
+//! (hooks never overlap). A stop kills a running hook ([`Action::KillHook`]).
+//!
 //! After a cut-over the new generation is watched for `stable_after`: if no worker of it serves
 //! any more within that time, the machine says so (log, status, systemd) and old generations
 //! still draining are not SIGKILLed while none serves.
@@ -79,6 +85,10 @@ pub struct Params {
     pub recycle_jitter: Duration,
     /// A worker whose processes use more resident memory (bytes) is recycled.
     pub max_rss: Option<u64>,
+    /// `[hooks] before_reload` is configured: its time limit (`[hooks] timeout`).
+    pub before_reload: Option<Duration>,
+    /// `[hooks] after_reload` is configured.
+    pub after_reload: bool,
 }
 
 impl Params {
@@ -103,8 +113,41 @@ impl Params {
             max_lifetime: w.max_lifetime,
             recycle_jitter: w.recycle_jitter,
             max_rss: w.max_rss,
+            before_reload: config.hooks.before_reload.as_ref().map(|_| config.hooks.timeout),
+            after_reload: config.hooks.after_reload.is_some(),
         }
     }
+}
+
+/// A reload hook (`[hooks]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// After the new config is read, before any new worker starts: failing, it fails the
+    /// reload.
+    BeforeReload,
+    /// Once the new generation serves: failing, it is logged.
+    AfterReload,
+}
+
+impl Hook {
+    /// The config key, which names the hook in messages and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::BeforeReload => "before_reload",
+            Hook::AfterReload => "after_reload",
+        }
+    }
+}
+
+/// How a hook ended, as the loop saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookResult {
+    /// Exited with status 0.
+    Passed,
+    /// Exited otherwise, was killed by a signal, could not be started or ran out of time:
+    /// `reason` is the whole sentence (`before_reload hook ["bin/check"] exited with status
+    /// 2`), `tail` its last lines.
+    Failed { reason: String, tail: Vec<String> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,6 +279,12 @@ pub enum Event {
         pid: Pid,
         bytes: u64,
     },
+    /// The hook started for [`Action::RunHook`] ended (or could not be started).
+    HookDone {
+        which: Hook,
+        generation: u64,
+        result: HookResult,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,6 +352,19 @@ pub enum Action {
     CommitReload {
         generation: u64,
     },
+    /// Start the hook with generation `generation`'s config (the pending reload's for
+    /// before_reload, the serving one's for after_reload), without waiting for it; answer with
+    /// [`Event::HookDone`] once it has ended.
+    RunHook {
+        which: Hook,
+        generation: u64,
+    },
+    /// SIGKILL the hook's process group (the master is stopping); no [`Event::HookDone`] is
+    /// needed.
+    KillHook {
+        which: Hook,
+        generation: u64,
+    },
     /// Drop the prepared config and listeners; when `failed`, give the notify socket back to
     /// the serving workers' user.
     DiscardReload {
@@ -358,6 +420,8 @@ struct Failure {
 struct Reload {
     generation: u64,
     params: Option<Params>,
+    /// Its before_reload hook is running: no worker of it is spawned yet.
+    hook: bool,
     failure: Option<Failure>,
     /// A rolling reload's progress.
     roll: Option<Roll>,
@@ -449,6 +513,8 @@ pub struct Generations {
     recycle_queue: std::collections::VecDeque<(Pid, String)>,
     recycle_retry_at: Option<Instant>,
     rss_hold: Option<(Instant, Duration)>,
+    /// The after_reload hook of this generation is running (the next reload waits for it).
+    after_hook: Option<u64>,
     out: Vec<Action>,
 }
 
@@ -495,6 +561,7 @@ impl Generations {
             recycle_queue: Default::default(),
             recycle_retry_at: None,
             rss_hold: None,
+            after_hook: None,
             out: Vec::new(),
         }
     }
@@ -614,6 +681,7 @@ impl Generations {
             (Phase::Starting, _) => Some("the first generation is still starting"),
             (Phase::Stopping, _) => Some("the master is stopping"),
             (Phase::Running, Some(_)) => Some("a reload is under way"),
+            (Phase::Running, None) if self.after_hook.is_some() => Some("the after_reload hook is running"),
             (Phase::Running, None) => None,
         }
     }
@@ -692,6 +760,11 @@ impl Generations {
             Event::StopRequested { by } => self.stop_requested(now, by),
             Event::Watchdog { pid, trigger } => self.watchdog(now, pid, trigger),
             Event::WorkerRss { pid, bytes } => self.rss(now, pid, bytes),
+            Event::HookDone {
+                which,
+                generation,
+                result,
+            } => self.hook_done(which, generation, result),
         }
         std::mem::take(&mut self.out)
     }

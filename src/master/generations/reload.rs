@@ -56,7 +56,7 @@ impl Generations {
                         }
                     } else if r.failure.is_some() {
                         self.fail_reload(now);
-                    } else if let Some(p) = &r.params {
+                    } else if let Some(p) = r.params.as_ref().filter(|_| !r.hook) {
                         if self.ready_count(r.generation) == p.count {
                             self.commit_reload(now);
                         }
@@ -65,9 +65,9 @@ impl Generations {
             }
             Phase::Stopping => {}
         }
-        // A reload asked for during the start or another reload: now, as the start or that
-        // reload ended.
-        if self.reload.is_none() && self.reload_again && self.phase == Phase::Running {
+        // A reload asked for during the start or another reload (or its after_reload hook):
+        // now, as the start or that reload ended.
+        if self.reload.is_none() && self.after_hook.is_none() && self.reload_again && self.phase == Phase::Running {
             self.reload_again = false;
             self.start_reload();
         }
@@ -115,7 +115,7 @@ impl Generations {
         // Which attempt will answer this request: the one under way if the caller only wants
         // "a reload from generation N" and it is one; otherwise the next one to start (the
         // config may have changed since the current attempt read it).
-        let busy = self.reload.is_some() || self.phase == Phase::Starting;
+        let busy = self.reload.is_some() || self.phase == Phase::Starting || self.after_hook.is_some();
         let attempt = if busy && if_generation.is_some() && self.reload.is_some() {
             self.attempt
         } else {
@@ -181,6 +181,7 @@ impl Generations {
         self.reload = Some(Reload {
             generation,
             params: None,
+            hook: false,
             failure: None,
             roll: None,
         });
@@ -203,13 +204,95 @@ impl Generations {
             });
             return;
         }
+        if let Some(r) = &mut self.reload {
+            r.params = Some(params.clone());
+            r.hook = params.before_reload.is_some();
+        }
+        if let Some(timeout) = params.before_reload {
+            // Nothing is started before the hook passed; systemd waits for it too.
+            self.progress(
+                self.attempt,
+                format!("running the before_reload hook for generation {generation}"),
+            );
+            self.tell_systemd(Systemd::ExtendTimeout(timeout.saturating_add(Duration::from_secs(5))));
+            self.out.push(Action::RunHook {
+                which: Hook::BeforeReload,
+                generation,
+            });
+            return;
+        }
+        self.launch(generation, params);
+    }
+
+    /// A hook ended. before_reload: passed, the reload goes on (its workers start); failed,
+    /// the reload fails at the Tick like one whose worker failed. after_reload: logged.
+    pub(super) fn hook_done(&mut self, which: Hook, generation: u64, result: HookResult) {
+        let kv = || {
+            vec![
+                ("hook", Kv::Str(which.name().into())),
+                ("generation", Kv::U64(generation)),
+            ]
+        };
+        match which {
+            Hook::BeforeReload => {
+                let Some(r) = self.reload.as_mut().filter(|r| r.generation == generation && r.hook) else {
+                    return;
+                };
+                r.hook = false;
+                match result {
+                    HookResult::Passed => {
+                        let Some(params) = r.params.clone() else { return };
+                        self.log(Level::Info, "before_reload hook passed".into(), kv());
+                        self.launch(generation, params);
+                    }
+                    HookResult::Failed { reason, tail } => r.failure = Some(Failure { reason, tail }),
+                }
+            }
+            Hook::AfterReload => {
+                if self.after_hook != Some(generation) {
+                    return;
+                }
+                self.after_hook = None;
+                match result {
+                    HookResult::Passed => self.log(Level::Info, "after_reload hook passed".into(), kv()),
+                    // Never a roll-back: the new generation serves, whatever the hook says.
+                    HookResult::Failed { reason, tail } => {
+                        self.log_failure("after_reload hook failed", generation, &Failure { reason, tail })
+                    }
+                }
+            }
+        }
+    }
+
+    /// The master is stopping: kill a running hook; the reload it belongs to is cancelled by
+    /// the caller.
+    pub(super) fn kill_hooks(&mut self) {
+        let mut kill = Vec::new();
+        if let Some(r) = self.reload.as_mut().filter(|r| r.hook) {
+            r.hook = false;
+            kill.push((Hook::BeforeReload, r.generation));
+        }
+        if let Some(generation) = self.after_hook.take() {
+            kill.push((Hook::AfterReload, generation));
+        }
+        for (which, generation) in kill {
+            self.log(
+                Level::Warn,
+                format!("{} hook killed: the master is stopping", which.name()),
+                vec![("generation", Kv::U64(generation))],
+            );
+            self.out.push(Action::KillHook { which, generation });
+        }
+    }
+
+    /// The prepared reload's workers start (after its before_reload hook, if any, passed).
+    fn launch(&mut self, generation: u64, params: Params) {
         self.next_generation += 1;
         self.progress(
             self.attempt,
             format!("starting generation {generation} ({} workers)", params.count),
         );
         if let Some(r) = &mut self.reload {
-            r.params = Some(params.clone());
             r.roll = params.rolling.map(|surge| Roll {
                 surge,
                 ..Roll::default()
@@ -243,6 +326,7 @@ impl Generations {
             params: Some(p),
             failure: None,
             roll: Some(roll),
+            ..
         }) = &self.reload
         else {
             return;
@@ -440,6 +524,7 @@ impl Generations {
         );
         let message =
             format!("reloaded: generation {generation} serving ({count} workers); generation {old} signalled to stop");
+        let after_reload = self.params.after_reload;
         let status = self.serving_status();
         self.tell_systemd(Systemd::Ready { status });
         self.finish_reload(
@@ -448,6 +533,14 @@ impl Generations {
             json!({ "generation": generation, "old_generation": old }),
         );
         self.limit_draining(now);
+        // After the verdict: the client does not wait for it.
+        if after_reload {
+            self.after_hook = Some(generation);
+            self.out.push(Action::RunHook {
+                which: Hook::AfterReload,
+                generation,
+            });
+        }
     }
 
     /// Keep at most `max_draining` old generations stopping; kill the oldest beyond that.

@@ -20,6 +20,8 @@ fn params(count: usize) -> Params {
         max_lifetime: None,
         recycle_jitter: Duration::ZERO,
         max_rss: None,
+        before_reload: None,
+        after_reload: false,
     }
 }
 
@@ -61,6 +63,8 @@ struct Sim {
     fail_spawn: Vec<(u64, usize)>,
     /// What the next reload's preparation gives.
     next: Result<Params, String>,
+    /// How a hook asked for ends, at once; None: it runs until the test says (HookDone).
+    hook: Option<HookResult>,
 }
 
 impl Sim {
@@ -71,6 +75,7 @@ impl Sim {
             now: Instant::now(),
             next_pid: 100,
             fail_spawn: vec![],
+            hook: None,
         }
     }
 
@@ -123,6 +128,11 @@ impl Sim {
                 Action::PrepareReload { generation, .. } => Some(match self.next.clone() {
                     Ok(params) => Event::ReloadPrepared { generation, params },
                     Err(message) => Event::ReloadPrepareFailed { generation, message },
+                }),
+                Action::RunHook { which, generation } => self.hook.clone().map(|result| Event::HookDone {
+                    which,
+                    generation,
+                    result,
                 }),
                 _ => None,
             };
@@ -1822,3 +1832,5 @@ fn recycle_jitter_spreads_lifetimes_and_stays_within_it() {
         assert!(t >= w.started + 60 * SEC && t <= w.started + 90 * SEC);
     }
 }
+#[path = "hooks_tests.rs"]
+mod hooks;

@@ -427,6 +427,7 @@ impl Generations {
         self.phase = Phase::Stopping;
         self.tell_systemd(Systemd::Stopping);
         // Every reload a client still waits for, under way or queued, will not happen.
+        self.kill_hooks();
         if let Some(r) = self.reload.take() {
             if r.params.is_some() {
                 self.out.push(Action::DiscardReload {
