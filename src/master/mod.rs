@@ -53,6 +53,7 @@ use upgrade::{roll_back, UpgradeCheck};
 
 mod actions;
 mod commands;
+mod fdstore;
 mod generations;
 pub mod handover;
 mod pipes;
@@ -131,6 +132,8 @@ pub struct Master {
     probes: probes::Probes,
     /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
     systemd: Option<SystemdNotifier>,
+    /// The listeners kept in systemd's fd store, to outlive a crash (fdstore.rs).
+    fdstore: fdstore::FdStore,
     /// The workers' cgroups (cgroup.rs); removed at stop, before the pid-file lock goes.
     cgroups: crate::worker::cgroup::Cgroups,
     /// Dropped after the sockets: while the pid file exists, the lock is held.
@@ -206,6 +209,7 @@ impl Master {
             control_paused_until: None,
             upgrade_check: None,
             probes: probes::Probes::default(),
+            fdstore: fdstore::FdStore::new(std::env::var_os("NOTIFY_SOCKET").is_some()),
             systemd: SystemdNotifier::from_env(),
             cgroups: p.cgroups,
             pid_file: p.pid_file,
@@ -229,6 +233,9 @@ impl Master {
             self.cgroups = crate::worker::cgroup::Cgroups::start(&self.log, &self.config.master.pid_file);
             self.event(Event::Start);
         }
+        // A fresh start stores what systemd does not hold yet; a resumed master sends its
+        // listeners again (systemd ignores the copies it holds already).
+        self.sync_fdstore();
         let code = loop {
             self.event(Event::Tick);
             if let Some(code) = self.exit {
@@ -238,6 +245,7 @@ impl Master {
             // sent: a client returns when it sees the hang-up.
             self.conns.retain(|_, c| !c.dead);
             self.prepare_probes();
+            self.fdstore.flush(&self.log, self.systemd.as_ref(), Instant::now());
             let ready = self.poll();
             for sig in self.signals.take() {
                 self.on_signal(sig);
@@ -367,6 +375,7 @@ impl Master {
             .chain(self.upgrade_check.as_ref().map(|c| c.deadline))
             .chain(self.next_look())
             .chain(self.probes.next_deadline())
+            .chain(self.fdstore.deadline())
             .min()
     }
 
