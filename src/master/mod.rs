@@ -227,15 +227,15 @@ impl Master {
         unsafe {
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         }
+        // Before the first worker starts: a fresh start stores what systemd does not hold yet;
+        // a resumed master sends its listeners again (systemd ignores the copies it holds).
+        self.sync_fdstore();
         if self.gens.phase() == Phase::Starting {
             info!(self.log, "starting"; "workers" => self.config.worker.count, "generation" => 1, "pid" => std::process::id());
             // Here, not in `start`: the tree is named after the master's pid (after daemonizing).
             self.cgroups = crate::worker::cgroup::Cgroups::start(&self.log, &self.config.master.pid_file);
             self.event(Event::Start);
         }
-        // A fresh start stores what systemd does not hold yet; a resumed master sends its
-        // listeners again (systemd ignores the copies it holds already).
-        self.sync_fdstore();
         let code = loop {
             self.event(Event::Tick);
             if let Some(code) = self.exit {
