@@ -43,6 +43,8 @@ fn units_pass_systemd_analyze_verify() {
         "KillMode=mixed",
         "ExecReload=/usr/bin/zdd reload -c /etc/zdd/%i.toml",
         "TimeoutStopSec=90s",
+        "Restart=on-failure",
+        "FileDescriptorStoreMax=512",
     ] {
         assert!(service.lines().any(|l| l == line), "{line} missing from zdd@.service");
     }

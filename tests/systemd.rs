@@ -38,6 +38,8 @@ fn notifies_systemd_of_ready_reloading_and_stopping_in_order() {
     sock.set_read_timeout(Some(DEADLINE)).unwrap();
     z.start_with_env(&[("NOTIFY_SOCKET", path.to_str().unwrap())]);
 
+    // The listener goes into systemd's fd store before the workers start (tests/fdstore.rs).
+    assert_eq!(next(&sock), "FDSTORE=1\nFDNAME=http");
     assert_eq!(next(&sock), "EXTEND_TIMEOUT_USEC=25000000");
     assert_eq!(next(&sock), "READY=1\nSTATUS=generation 1 serving (1 worker)");
 
@@ -97,6 +99,7 @@ fn notifies_an_abstract_socket() {
     sock.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut z = Zdd::new(&fixture_config(free_port(), &["--ready"]));
     z.start_with_env(&[("NOTIFY_SOCKET", &format!("@{name}"))]);
+    assert_eq!(next(&sock), "FDSTORE=1\nFDNAME=http");
     assert!(next(&sock).starts_with("EXTEND_TIMEOUT_USEC="));
     assert_eq!(next(&sock), "READY=1\nSTATUS=generation 1 serving (1 worker)");
     z.stop();

@@ -54,6 +54,7 @@ use upgrade::{roll_back, UpgradeCheck};
 mod actions;
 mod care;
 mod commands;
+mod fdstore;
 mod generations;
 pub mod handover;
 mod hooks;
@@ -137,6 +138,8 @@ pub struct Master {
     probes: probes::Probes,
     /// systemd's NOTIFY_SOCKET, when the master runs under systemd.
     systemd: Option<SystemdNotifier>,
+    /// The listeners kept in systemd's fd store, to outlive a crash (fdstore.rs).
+    fdstore: fdstore::FdStore,
     /// The workers' cgroups (cgroup.rs); removed at stop, before the pid-file lock goes.
     cgroups: crate::worker::cgroup::Cgroups,
     /// Dropped after the sockets: while the pid file exists, the lock is held.
@@ -214,6 +217,7 @@ impl Master {
             rss_check_at: None,
             hooks: Vec::new(),
             probes: probes::Probes::default(),
+            fdstore: fdstore::FdStore::new(std::env::var_os("NOTIFY_SOCKET").is_some()),
             systemd: SystemdNotifier::from_env(),
             cgroups: p.cgroups,
             pid_file: p.pid_file,
@@ -231,6 +235,9 @@ impl Master {
         unsafe {
             libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         }
+        // Before the first worker starts: a fresh start stores what systemd does not hold yet;
+        // a resumed master sends its listeners again (systemd ignores the copies it holds).
+        self.sync_fdstore();
         if self.gens.phase() == Phase::Starting {
             info!(self.log, "starting"; "workers" => self.config.worker.count, "generation" => 1, "pid" => std::process::id());
             // Here, not in `start`: the tree is named after the master's pid (after daemonizing).
@@ -246,6 +253,7 @@ impl Master {
             // sent: a client returns when it sees the hang-up.
             self.conns.retain(|_, c| !c.dead);
             self.prepare_probes();
+            self.fdstore.flush(&self.log, self.systemd.as_ref(), Instant::now());
             let ready = self.poll();
             for sig in self.signals.take() {
                 self.on_signal(sig);
@@ -383,6 +391,7 @@ impl Master {
             .chain(self.next_look())
             .chain(self.probes.next_deadline())
             .chain(self.hook_deadline())
+            .chain(self.fdstore.deadline())
             .min()
     }
 

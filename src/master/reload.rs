@@ -68,6 +68,9 @@ impl Master {
             config,
             listeners,
         });
+        // Its new listeners go into systemd's fd store now: the file on disk is this config,
+        // which a master restarted after a crash would read.
+        self.sync_fdstore();
         Event::ReloadPrepared { generation, params }
     }
 
@@ -82,12 +85,17 @@ impl Master {
         }
         self.config = p.config;
         self.listeners = p.listeners;
+        // Listeners the new config dropped leave systemd's fd store now (the old workers keep
+        // their own copies while they drain).
+        self.sync_fdstore();
     }
 
     /// [`Action::DiscardReload`]: drop the prepared config and listeners (the listeners stay
     /// open while a worker of that generation holds them).
     pub(super) fn discard_reload(&mut self, generation: u64, failed: bool) {
         let Some(p) = self.take_pending(generation) else { return };
+        // Its new listeners leave systemd's fd store.
+        self.sync_fdstore();
         if !failed {
             return;
         }

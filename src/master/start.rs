@@ -3,6 +3,7 @@
 //! start-up report, and the shut-down once the machine said the stop is over.
 
 use super::*;
+use crate::config::ListenAddr;
 
 impl Master {
     /// Everything up to the first spawn: pid-file lock, signals, notify socket, listeners.
@@ -41,27 +42,27 @@ impl Master {
             ))
         })?;
         let control = ControlServer::bind(&m.control_socket)?;
-        // Sockets systemd passed to us are adopted for the [[listen]] entries they match, by
-        // name first, else by address; the rest are bound here.
-        let (mut inherited, refused): (Vec<(Option<String>, OwnedFd)>, _) = crate::listen::take_systemd_sockets();
+        // Sockets systemd passed to us (socket units, or its fd store after a crash of the
+        // previous master) are adopted for the [[listen]] entries they match; the rest are
+        // bound here.
+        let (inherited, refused): (Vec<(Option<String>, OwnedFd)>, _) = crate::listen::take_systemd_sockets();
         for why in refused {
             warn!(log, "a socket passed by systemd cannot be a listener: {}", why);
         }
+        let mut inherited = drop_duplicates(&log, inherited);
+        // What systemd's fd store holds for us (if it came from there), by name and address:
+        // the fd store's bookkeeping starts from it (fdstore.rs).
+        let mut stored: Vec<(String, ListenAddr)> = Vec::new();
         let mut listeners = Vec::with_capacity(config.listen.len());
         for lc in &config.listen {
-            let found = inherited
-                .iter()
-                .position(|(name, _)| name.as_deref() == Some(lc.name.as_str()))
-                .or_else(|| {
-                    inherited
-                        .iter()
-                        .position(|(_, fd)| crate::listen::bound_addr(fd).as_ref() == Some(&lc.addr))
-                });
-            let l = match found {
-                Some(i) => {
-                    let (_, fd) = inherited.remove(i);
+            let l = match adopt(&mut inherited, lc) {
+                Some((name, fd)) => {
                     let l = Listener::from_state(fd, lc.addr.clone(), None, lc.backlog);
-                    info!(log, "adopted socket from systemd"; "addr" => l.local_addr(), "name" => &lc.name);
+                    info!(log, "adopted socket from systemd"; "addr" => l.local_addr(), "name" => &lc.name,
+                        "fdname" => name.as_deref().unwrap_or(""));
+                    if let Some(name) = name {
+                        stored.push((name, lc.addr.clone()));
+                    }
                     l
                 }
                 None => {
@@ -73,10 +74,25 @@ impl Master {
             listeners.push(Rc::new(l));
         }
         for (name, fd) in inherited {
-            warn!(log, "a socket passed by systemd matches no [[listen]] entry; closed";
-                "name" => name.unwrap_or_default(), "addr" => crate::listen::bound_addr(&fd).map(|a| a.to_string()).unwrap_or_default());
+            let addr = crate::listen::bound_addr(&fd);
+            let same_name = name
+                .as_deref()
+                .and_then(|n| config.listen.iter().find(|lc| lc.name == n));
+            match same_name {
+                Some(lc) => {
+                    warn!(log, "a socket passed by systemd is bound to another address than its [[listen]] entry now; closed (and released from systemd's fd store)";
+                    "name" => &lc.name, "addr" => addr.as_ref().map(|a| a.to_string()).unwrap_or_default(), "config" => lc.addr.to_string())
+                }
+                None => {
+                    warn!(log, "a socket passed by systemd matches no [[listen]] entry; closed (and released from systemd's fd store)";
+                    "name" => name.as_deref().unwrap_or_default(), "addr" => addr.as_ref().map(|a| a.to_string()).unwrap_or_default())
+                }
+            }
+            if let (Some(name), Some(addr)) = (name, addr) {
+                stored.push((name, addr));
+            }
         }
-        Ok(Master::assemble(Parts {
+        let mut master = Master::assemble(Parts {
             gens: Generations::new(Params::of(&config), config.path.display().to_string()),
             log,
             sink,
@@ -94,7 +110,9 @@ impl Master {
             exe: crate::master::handover::own_exe(),
             worker_nofile,
             conns: BTreeMap::new(),
-        }))
+        });
+        master.fdstore.set_stored(stored);
+        Ok(master)
     }
 
     /// Daemon mode: after the fork, record the new pid and where to report the start-up.
@@ -173,4 +191,68 @@ pub fn run_foreground(config_path: &Path) -> Result<i32, StartError> {
         .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;
     let master = Master::start(config, log, sink)?;
     Ok(master.run())
+}
+
+/// The passed socket for `lc`: the one with its name and address, else the one with its
+/// address (whatever its name), removed from `inherited`. A socket with the entry's name but
+/// another address is not adopted: the config changed since systemd stored it, and the config
+/// says where to listen (a socket unit's address must match the config's).
+fn adopt(
+    inherited: &mut Vec<(Option<String>, OwnedFd)>,
+    lc: &crate::config::ListenConfig,
+) -> Option<(Option<String>, OwnedFd)> {
+    let at = |fd: &OwnedFd| crate::listen::bound_addr(fd).is_some_and(|a| addr_matches(&lc.addr, &a));
+    let i = inherited
+        .iter()
+        .position(|(name, fd)| name.as_deref() == Some(lc.name.as_str()) && at(fd))
+        .or_else(|| inherited.iter().position(|(_, fd)| at(fd)))?;
+    Some(inherited.remove(i))
+}
+
+/// Whether a socket bound to `bound` serves the config's `want`: the same address, or, for a
+/// TCP entry with port 0 (any port), the same IP.
+fn addr_matches(want: &ListenAddr, bound: &ListenAddr) -> bool {
+    match (want, bound) {
+        (ListenAddr::Tcp(w), ListenAddr::Tcp(b)) if w.port() == 0 => w.ip() == b.ip(),
+        _ => want == bound,
+    }
+}
+
+/// One fd per socket: a socket that systemd passes twice (a socket unit's, also kept in the fd
+/// store) is adopted once; the copy is closed.
+fn drop_duplicates(log: &Logger, inherited: Vec<(Option<String>, OwnedFd)>) -> Vec<(Option<String>, OwnedFd)> {
+    let mut seen = Vec::new();
+    let mut out = Vec::with_capacity(inherited.len());
+    for (name, fd) in inherited {
+        let id = nix::sys::stat::fstat(fd.as_raw_fd())
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino));
+        match id {
+            Some(id) if seen.contains(&id) => {
+                info!(log, "a socket passed by systemd twice is adopted once"; "name" => name.unwrap_or_default());
+            }
+            _ => {
+                seen.extend(id);
+                out.push((name, fd));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tcp_entry_with_port_0_matches_any_port_of_its_ip() {
+        let a = |s: &str| ListenAddr::Tcp(s.parse().unwrap());
+        assert!(addr_matches(&a("127.0.0.1:0"), &a("127.0.0.1:4242")));
+        assert!(!addr_matches(&a("127.0.0.1:0"), &a("0.0.0.0:4242")));
+        assert!(addr_matches(&a("127.0.0.1:80"), &a("127.0.0.1:80")));
+        assert!(!addr_matches(&a("127.0.0.1:80"), &a("127.0.0.1:81")));
+        let u = |p: &str| ListenAddr::Unix(p.into());
+        assert!(addr_matches(&u("/run/a.sock"), &u("/run/a.sock")));
+        assert!(!addr_matches(&u("/run/a.sock"), &u("/run/b.sock")));
+    }
 }

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    bind, recvmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType,
-    UnixAddr,
+    bind, recvmsg, sendmsg, setsockopt, socket, sockopt, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType, UnixAddr,
 };
 use nix::unistd::Pid;
 
@@ -245,6 +245,51 @@ impl SystemdNotifier {
     pub fn send(&self, message: &str) {
         let _ = nix::sys::socket::sendto(self.fd.as_raw_fd(), message.as_bytes(), &self.addr, MsgFlags::empty());
     }
+
+    /// Send one message with `fds` attached (SCM_RIGHTS), for systemd's fd store: the kernel
+    /// gives systemd its own copies, ours stay open. The socket is non-blocking: EAGAIN means
+    /// systemd's queue is full and the message should be sent again later.
+    pub fn send_with_fds(&self, message: &str, fds: &[RawFd]) -> Result<(), Errno> {
+        let iov = [std::io::IoSlice::new(message.as_bytes())];
+        let rights = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+        let sent = loop {
+            match sendmsg(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), Some(&self.addr)) {
+                Err(Errno::EINTR) => continue,
+                r => break r?,
+            }
+        };
+        // A datagram goes whole or not at all; anything else is not a message systemd read.
+        if sent != message.len() {
+            return Err(Errno::EMSGSIZE);
+        }
+        Ok(())
+    }
+}
+
+/// Whether systemd takes `name` as an `FDNAME=` (its `fdname_is_valid`): at most 255
+/// characters, printable ASCII, no ':' (the separator of `LISTEN_FDNAMES`). An empty name is
+/// refused here too: systemd would pass it back as no name at all.
+pub fn valid_fdname(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 255 && name.bytes().all(|b| (b' '..0x7f).contains(&b) && b != b':')
+}
+
+/// The message that puts the fds sent with it into systemd's fd store under `name`. No
+/// `FDPOLL=0`: systemd then drops a stored socket that reports POLLHUP or POLLERR (one that no
+/// longer works), which a listening socket does only once it is shut down.
+pub fn fdstore_message(name: &str) -> String {
+    format!("FDSTORE=1\nFDNAME={name}")
+}
+
+/// The message that makes systemd close every fd it stores under `name`.
+pub fn fdstore_remove_message(name: &str) -> String {
+    format!("FDSTOREREMOVE=1\nFDNAME={name}")
+}
+
+/// `FileDescriptorStoreMax=` of the master's unit, from `$FDSTORE` (systemd 254 and later set
+/// it when the store is enabled); None when unknown (older systemd, or no store).
+pub fn fdstore_max_from_env() -> Option<usize> {
+    std::env::var("FDSTORE").ok()?.trim().parse().ok()
 }
 
 /// CLOCK_MONOTONIC in microseconds, for `MONOTONIC_USEC=`.
@@ -269,6 +314,74 @@ mod tests {
                 ("MAINPID".into(), "42".into())
             ]
         );
+    }
+
+    #[test]
+    fn fdstore_messages_name_the_listener() {
+        assert_eq!(fdstore_message("http"), "FDSTORE=1\nFDNAME=http");
+        assert_eq!(fdstore_remove_message("api v2"), "FDSTOREREMOVE=1\nFDNAME=api v2");
+        let parsed = parse(fdstore_message("http").as_bytes());
+        assert_eq!(
+            parsed,
+            vec![("FDSTORE".into(), "1".into()), ("FDNAME".into(), "http".into())]
+        );
+    }
+
+    #[test]
+    fn fdnames_follow_systemds_rules() {
+        assert!(valid_fdname("http"));
+        assert!(valid_fdname("a b-c_d.e~"));
+        assert!(valid_fdname(&"x".repeat(255)));
+        assert!(!valid_fdname(&"x".repeat(256)));
+        assert!(!valid_fdname(""));
+        assert!(!valid_fdname("a:b"));
+        assert!(!valid_fdname("a\nb"));
+        assert!(!valid_fdname("a\x7fb"));
+        assert!(!valid_fdname("caf\u{e9}"));
+    }
+
+    /// One datagram per store request, the fd attached as SCM_RIGHTS: systemd's side (and
+    /// tests/fdstore.rs, which plays it) receives a copy of the very socket.
+    #[test]
+    fn sends_fds_with_the_message() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("systemd.sock");
+        let systemd = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let notifier = SystemdNotifier {
+            fd: socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).unwrap(),
+            addr: UnixAddr::new(&path).unwrap(),
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        notifier
+            .send_with_fds(&fdstore_message("http"), &[listener.as_raw_fd()])
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            systemd.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .unwrap();
+        let mut fds = Vec::new();
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(r) = c {
+                // SAFETY: the kernel installed these fds for us.
+                fds.extend(r.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        let len = msg.bytes;
+        assert_eq!(&buf[..len], b"FDSTORE=1\nFDNAME=http");
+        assert_eq!(fds.len(), 1);
+        let ino = |fd: RawFd| std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap().ino();
+        assert_eq!(ino(fds[0].as_raw_fd()), ino(listener.as_raw_fd()), "the same socket");
+        // Without fds: a plain message.
+        notifier.send_with_fds(&fdstore_remove_message("http"), &[]).unwrap();
+        let n = systemd.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"FDSTOREREMOVE=1\nFDNAME=http");
     }
 
     #[test]
