@@ -408,6 +408,8 @@ pub struct Generations {
     watch: Option<Watch>,
     /// The serving generation stopped serving within `stable_after` of its cut-over: why.
     unstable: Option<String>,
+    /// Counters of the decisions taken (metrics, `status`).
+    stats: Stats,
     out: Vec<Action>,
 }
 
@@ -450,6 +452,7 @@ impl Generations {
             probe_verdict: None,
             watch: None,
             unstable: None,
+            stats: Stats::default(),
             out: Vec::new(),
         }
     }
@@ -542,6 +545,16 @@ impl Generations {
     /// its cut-over (for `status`; cleared by the next cut-over).
     pub fn unstable(&self) -> Option<&str> {
         self.unstable.as_deref()
+    }
+
+    /// Counters of the decisions taken so far (metrics, `status`, the upgrade hand-over).
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// After an upgrade: the counters the previous image handed over.
+    pub fn restore_stats(&mut self, stats: Stats) {
+        self.stats = stats;
     }
 
     /// The watch after the last cut-over, (generation, until), for an upgrade to hand over.
@@ -639,9 +652,9 @@ impl Generations {
                     self.out.push(Action::Exit { code: self.exit_code });
                 }
             }
-            Event::ReloadRequested { from, if_generation } => self.request_reload(from, if_generation),
+            Event::ReloadRequested { from, if_generation } => self.request_reload(now, from, if_generation),
             Event::ReloadPrepared { generation, params } => self.prepared(generation, params),
-            Event::ReloadPrepareFailed { generation, message } => self.prepare_failed(generation, message),
+            Event::ReloadPrepareFailed { generation, message } => self.prepare_failed(now, generation, message),
             Event::StopRequested { by } => self.stop_requested(now, by),
         }
         std::mem::take(&mut self.out)
@@ -665,7 +678,12 @@ fn pid_kv(pid: Pid) -> Kv {
 }
 
 mod reload;
+mod stats;
 mod workers;
+
+#[cfg(test)]
+use stats::{Exits, Reloads};
+pub use stats::{Stats, RELOAD_BUCKETS_US};
 
 #[cfg(test)]
 mod tests;

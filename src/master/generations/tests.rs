@@ -1628,3 +1628,6 @@ fn a_new_generation_that_fails_its_probes_within_stable_after_keeps_the_old_one_
         "the old worker was killed while no new one serves"
     );
 }
+
+#[path = "stats_tests.rs"]
+mod stats;
