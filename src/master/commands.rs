@@ -181,6 +181,7 @@ impl Master {
             "restarting": restarting,
             "listeners": listeners,
             "log": self.sink.status(),
+            "metrics": self.metrics_json(),
         })
     }
 }

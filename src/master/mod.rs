@@ -55,6 +55,7 @@ mod actions;
 mod commands;
 mod generations;
 pub mod handover;
+mod metrics;
 mod pipes;
 mod probes;
 mod readiness;
@@ -133,6 +134,8 @@ pub struct Master {
     systemd: Option<SystemdNotifier>,
     /// The workers' cgroups (cgroup.rs); removed at stop, before the pid-file lock goes.
     cgroups: crate::worker::cgroup::Cgroups,
+    /// `[master] metrics`: the listener and the scrapes under way (metrics.rs).
+    metrics: Option<metrics::Metrics>,
     /// Dropped after the sockets: while the pid file exists, the lock is held.
     pid_file: PidFile,
     /// The id the next control connection gets.
@@ -156,6 +159,7 @@ struct Parts {
     notify: NotifyServer,
     control: ControlServer,
     cgroups: crate::worker::cgroup::Cgroups,
+    metrics: Option<crate::metrics::MetricsServer>,
     pid_file: PidFile,
     started_at: Instant,
     started_wall: SystemTime,
@@ -208,6 +212,7 @@ impl Master {
             probes: probes::Probes::default(),
             systemd: SystemdNotifier::from_env(),
             cgroups: p.cgroups,
+            metrics: p.metrics.map(metrics::Metrics::new),
             pid_file: p.pid_file,
             next_client: p.conns.len() as u64,
             conns: p.conns,
@@ -246,6 +251,7 @@ impl Master {
             self.cgroups.service();
             self.read_notify();
             self.serve_control(&ready);
+            self.serve_metrics(&ready);
             self.pump_pipes(&ready);
             self.look_for_listening();
             self.service_probes();
@@ -332,6 +338,9 @@ impl Master {
         }
         // The probes' sockets, connecting (POLLOUT) or waiting for the answer (POLLIN).
         self.probes.add_to_poll(&mut fds);
+        if let Some(m) = &self.metrics {
+            m.add_to_poll(&mut fds);
+        }
         let timeout = self.next_deadline().map_or(-1, |d| {
             let left = d.saturating_duration_since(Instant::now());
             // Round up, so that we never wake just before a deadline and spin.
@@ -367,6 +376,7 @@ impl Master {
             .chain(self.upgrade_check.as_ref().map(|c| c.deadline))
             .chain(self.next_look())
             .chain(self.probes.next_deadline())
+            .chain(self.metrics.as_ref().and_then(|m| m.next_deadline()))
             .min()
     }
 

@@ -72,6 +72,15 @@ impl Master {
             };
             listeners.push(Rc::new(l));
         }
+        // After the listeners: a port in use is named like theirs (who holds it).
+        let metrics = match &m.metrics {
+            Some(addr) => {
+                let server = crate::metrics::MetricsServer::bind(addr)?;
+                info!(log, "serving metrics"; "addr" => server.listener().local_addr());
+                Some(server)
+            }
+            None => None,
+        };
         for (name, fd) in inherited {
             warn!(log, "a socket passed by systemd matches no [[listen]] entry; closed";
                 "name" => name.unwrap_or_default(), "addr" => crate::listen::bound_addr(&fd).map(|a| a.to_string()).unwrap_or_default());
@@ -88,6 +97,7 @@ impl Master {
             notify,
             control,
             cgroups,
+            metrics,
             pid_file,
             started_at: Instant::now(),
             started_wall: SystemTime::now(),
