@@ -273,7 +273,10 @@ impl MetricsConn {
                 &self.out[self.written..],
                 MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
             ) {
-                Ok(0) => break,
+                Ok(0) => {
+                    self.phase = Phase::Done;
+                    return;
+                }
                 Ok(n) => self.written += n,
                 Err(Errno::EINTR) => continue,
                 Err(Errno::EAGAIN) => return,
