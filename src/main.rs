@@ -28,6 +28,7 @@ mod errno;
 mod listen;
 mod log;
 mod master;
+mod metrics;
 mod pidfile;
 mod portholder;
 mod sockfile;

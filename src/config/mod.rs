@@ -100,6 +100,8 @@ pub struct MasterConfig {
     pub log: LogTarget,
     pub log_format: LogFormat,
     pub max_draining: usize,
+    /// `metrics`: where the OpenMetrics text is served (tcp address, unix path or `@name`).
+    pub metrics: Option<ListenAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -391,6 +393,22 @@ pub fn parse_with(path: &Path, text: &str, checks: Checks) -> Result<Config, Con
             }
         }
         listen.push(l);
+    }
+    if let (Some(m), Some(span)) = (&master.metrics, raw.master.metrics.as_ref().map(|s| s.span())) {
+        let clash = listen.iter().find(|l| match (&l.addr, m) {
+            (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => a == b || tcp_overlap(a, b),
+            (a, b) => a == b,
+        });
+        if let Some(l) = clash {
+            return Err(src.err(
+                span,
+                "master.metrics",
+                format!(
+                    "{m} is also where listener {} listens (or overlaps it); the metrics need an address of their own",
+                    shown(&l.name)
+                ),
+            ));
+        }
     }
     if worker.ready == Ready::Listening && listen.is_empty() {
         let span = raw

@@ -42,6 +42,7 @@ pub(super) struct RawMaster {
     pub(super) log: Option<Spanned<String>>,
     pub(super) log_format: Option<Spanned<String>>,
     pub(super) max_draining: Option<Spanned<i64>>,
+    pub(super) metrics: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

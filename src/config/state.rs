@@ -87,6 +87,9 @@ pub struct MasterState {
     pub log: LogTargetState,
     pub log_format: LogFormatState,
     pub max_draining: usize,
+    /// `[master] metrics` (absent before it existed).
+    #[serde(default)]
+    pub metrics: Option<ListenAddr>,
 }
 
 /// [`LogTarget`] as data: `"stderr"` or `{"file": "/path"}`.
@@ -292,6 +295,7 @@ impl From<&Config> for ConfigState {
                     LogFormat::Json => LogFormatState::Json,
                 },
                 max_draining: m.max_draining,
+                metrics: m.metrics.clone(),
             },
             worker: WorkerState {
                 command: w.command.clone(),
@@ -410,6 +414,7 @@ impl ConfigState {
                     LogFormatState::Json => LogFormat::Json,
                 },
                 max_draining: m.max_draining,
+                metrics: m.metrics,
             },
             worker: WorkerConfig {
                 command: w.command,

@@ -41,6 +41,7 @@ control_socket = "/tmp/x/app.sock"
 log = "/var/log/zdd.log"
 log_format = "json"
 max_draining = 3
+metrics = "127.0.0.1:9101"
 [worker]
 command = ["/bin/sh", "-c", "exit 0"]
 cwd = "/srv"
@@ -98,6 +99,10 @@ fn every_key_is_read() {
     assert_eq!(c.master.notify_socket, PathBuf::from("/tmp/x/app.notify"));
     assert_eq!(c.master.log_format, LogFormat::Json);
     assert_eq!(c.master.max_draining, 3);
+    assert_eq!(
+        c.master.metrics,
+        Some(ListenAddr::Tcp("127.0.0.1:9101".parse().unwrap()))
+    );
     assert_eq!(c.worker.env, vec![("A".into(), "1".into()), ("B".into(), "two".into())]);
     assert_eq!(c.worker.count, 4);
     assert_eq!(c.worker.ready, Ready::Delay(Duration::from_millis(250)));
@@ -603,4 +608,44 @@ fn a_hook_program_is_resolved_like_the_workers_at_reload() {
     assert!(e.contains("\"no-such-hook-zdd\" not found in PATH"), "{e}");
     let text = format!("{MIN}[hooks]\nafter_reload = [\"sh\", \"-c\", \"true\"]\n");
     assert!(parse_with(Path::new("/etc/zdd/app.toml"), &text, Checks::Reload).is_ok());
+}
+
+#[test]
+fn master_metrics_addresses_and_errors() {
+    let with = |v: &str| format!("[master]\nmetrics = {v:?}\n{MIN}");
+    assert_eq!(p(MIN).unwrap().master.metrics, None);
+    assert_eq!(
+        p(&with("[::1]:9101")).unwrap().master.metrics,
+        Some(ListenAddr::Tcp("[::1]:9101".parse().unwrap()))
+    );
+    assert_eq!(
+        p(&with("run/metrics.sock")).unwrap().master.metrics,
+        Some(ListenAddr::Unix("/etc/zdd/run/metrics.sock".into()))
+    );
+    assert_eq!(
+        p(&with("@zdd-metrics")).unwrap().master.metrics,
+        Some(ListenAddr::Abstract("zdd-metrics".into()))
+    );
+    let e = err(&with("localhost:9101"));
+    assert!(
+        e.starts_with("/etc/zdd/app.toml:2:11: master.metrics: \"localhost:9101\" is neither an address"),
+        "{e}"
+    );
+    let e = err(&with("127.0.0.1:0"));
+    assert!(e.contains("master.metrics: port 0"), "{e}");
+    // Where a [[listen]] listens, or overlapping it.
+    let e = err(&with("127.0.0.1:8080"));
+    assert!(
+        e.contains("master.metrics: 127.0.0.1:8080 is also where listener \"http\" listens"),
+        "{e}"
+    );
+    let e = err(&with("0.0.0.0:8080"));
+    assert!(e.contains("is also where listener \"http\""), "{e}");
+    let e = err(&format!(
+        "[master]\ncontrol_socket = \"/run/a.sock\"\nmetrics = \"/run/a.sock\"\n{MIN}"
+    ));
+    assert!(
+        e.contains("master.metrics: is the same path as master.control_socket"),
+        "{e}"
+    );
 }

@@ -236,6 +236,17 @@ impl Validator<'_> {
                 .filter(|n| *n >= 1)
                 .ok_or_else(|| self.err(n.span(), "master.max_draining", "must be at least 1"))?,
         };
+        let metrics = m.metrics.as_ref().map(|s| self.metrics(s)).transpose()?;
+        for (p, key) in [
+            (&control_socket, "master.control_socket"),
+            (&pid_file, "master.pid_file"),
+        ] {
+            if let (Some(ListenAddr::Unix(mp)), Some(s)) = (&metrics, &m.metrics) {
+                if mp == p {
+                    return Err(self.err(s.span(), "master.metrics", format!("is the same path as {key}")));
+                }
+            }
+        }
         Ok(MasterConfig {
             pid_file,
             control_socket,
@@ -243,7 +254,51 @@ impl Validator<'_> {
             log,
             log_format,
             max_draining,
+            metrics,
         })
+    }
+
+    /// `[master] metrics`: a tcp address (`"127.0.0.1:9101"`, `"[::1]:9101"`), a unix socket
+    /// path (anything with a `/`, relative to the config's directory) or `"@name"` (abstract).
+    fn metrics(&self, v: &Spanned<String>) -> Result<ListenAddr, ConfigError> {
+        let key = "master.metrics";
+        let s = v.get_ref();
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            if a.port() == 0 {
+                return Err(self.err(
+                    v.span(),
+                    key,
+                    "port 0 is no port a scraper can find; name one, such as \"127.0.0.1:9101\"",
+                ));
+            }
+            return Ok(ListenAddr::Tcp(a));
+        }
+        if let Some(abs) = s.strip_prefix('@') {
+            if abs.is_empty() || abs.len() > 106 {
+                return Err(self.err(v.span(), key, "abstract name must be 1 to 106 bytes"));
+            }
+            return Ok(ListenAddr::Abstract(abs.to_string()));
+        }
+        if s.contains('/') {
+            let p = self.nonempty_path(v, key)?;
+            if p.as_os_str().len() > 107 {
+                return Err(self.err(
+                    v.span(),
+                    key,
+                    format!("socket path {} is longer than 107 bytes", p.display()),
+                ));
+            }
+            return Ok(ListenAddr::Unix(p));
+        }
+        Err(self.err(
+            v.span(),
+            key,
+            format!(
+                "{} is neither an address such as \"127.0.0.1:9101\" or \"[::1]:9101\" (an IP address, \
+                 not a host name) nor a unix socket path (\"./metrics.sock\" for one beside the config)",
+                shown(s)
+            ),
+        ))
     }
 
     pub(super) fn worker(&self, w: &Spanned<RawWorker>) -> Result<WorkerConfig, ConfigError> {

@@ -23,6 +23,8 @@ pub struct LineBatch {
     /// Bytes this batch may grow to before the sink is full ([`PAUSE_AT`]), as of the last
     /// look at the sink.
     room: usize,
+    /// Lines in `buf`.
+    lines: u64,
 }
 
 /// Flush a batch when it grows past this, so a flood of lines needs no more memory.
@@ -37,6 +39,7 @@ impl LineBatch {
             buf: Vec::new(),
             turn: 0,
             room: PAUSE_AT,
+            lines: 0,
         }
     }
 
@@ -127,6 +130,7 @@ impl LineBatch {
                 if text.is_empty() {
                     // slog-term writes no separator after an empty message.
                     b.extend_from_slice(tag.strip_prefix(b", ").unwrap_or(tag));
+                    self.lines += 1;
                     return text;
                 }
             }
@@ -144,14 +148,16 @@ impl LineBatch {
             }
         }
         b.extend_from_slice(tag);
+        self.lines += 1;
         text
     }
 
     /// Hand what was formatted to the sink: written now, or pending (see [`Sink`]).
     pub fn flush(&mut self) {
         if !self.buf.is_empty() {
-            self.sink.commit_lines(&self.buf);
+            self.sink.commit_lines(&self.buf, self.lines);
             self.buf.clear();
+            self.lines = 0;
             self.room = PAUSE_AT.saturating_sub(self.sink.pending());
         }
     }

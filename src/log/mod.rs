@@ -277,10 +277,12 @@ impl Sink {
     }
 
     /// Worker lines (whole lines, formatted): written now or kept pending; never dropped for
-    /// want of room (the master stops reading the workers while [`Sink::is_full`]).
-    pub fn commit_lines(&self, lines: &[u8]) {
+    /// want of room (the master stops reading the workers while [`Sink::is_full`]); `count`:
+    /// how many lines they are (counted as relayed).
+    pub fn commit_lines(&self, lines: &[u8], count: u64) {
         let format = self.format;
         let mut s = self.lock();
+        s.out.relayed_lines = s.out.relayed_lines.saturating_add(count);
         let Shared { target, out, .. } = &mut *s;
         out.commit(lines, false, &mut |d| target.write(d), |n, why| {
             notice_record(format, n, why)
@@ -383,6 +385,7 @@ impl Sink {
         json!({
             "pending_bytes": s.out.pending(),
             "relay_paused": s.out.pending() >= PAUSE_AT,
+            "relayed_lines": s.out.relayed_lines,
             "dropped_lines": s.out.dropped_lines,
             "dropped_bytes": s.out.dropped_bytes,
             "error": s.out.error.map(describe),
@@ -397,6 +400,12 @@ impl Sink {
     /// Lines lost so far (for the stop reply).
     pub fn dropped_lines(&self) -> u64 {
         self.lock().out.dropped_lines
+    }
+
+    /// (worker lines relayed, lines lost) since this image started (metrics).
+    pub fn line_counts(&self) -> (u64, u64) {
+        let s = self.lock();
+        (s.out.relayed_lines, s.out.dropped_lines)
     }
 }
 

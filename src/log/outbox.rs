@@ -75,6 +75,8 @@ pub(super) struct Outbox {
     pub(super) reason: String,
     pub(super) dropped_lines: u64,
     pub(super) dropped_bytes: u64,
+    /// Worker lines handed to the sink (written, pending or lost after).
+    pub(super) relayed_lines: u64,
     /// The error of the last write, until a write succeeds again.
     pub(super) error: Option<Errno>,
 }

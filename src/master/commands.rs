@@ -182,6 +182,7 @@ impl Master {
             "restarting": restarting,
             "listeners": listeners,
             "log": self.sink.status(),
+            "metrics": self.metrics_json(),
         })
     }
 }

@@ -174,6 +174,15 @@ pub struct State {
     /// kills stay held by the new image.
     #[serde(default)]
     pub unstable: Option<String>,
+    /// The `[master] metrics` listener, if the master serves metrics.
+    #[serde(default)]
+    pub metrics: Option<ListenerState>,
+    /// The machine's counters (metrics, `status`), and how long the serving generation has
+    /// served, in ms.
+    #[serde(default)]
+    pub stats: Option<super::generations::Stats>,
+    #[serde(default)]
+    pub serving_ms: Option<u64>,
 }
 
 impl State {
@@ -188,6 +197,7 @@ impl State {
         v.extend(self.reply_fd);
         v.extend(self.more_reply_fds.iter().copied());
         v.extend(self.log.as_ref().and_then(|l| l.fd));
+        v.extend(self.metrics.as_ref().map(|l| l.fd));
         v
     }
 }

@@ -58,6 +58,7 @@ mod fdstore;
 mod generations;
 pub mod handover;
 mod hooks;
+mod metrics;
 mod pipes;
 mod probes;
 mod readiness;
@@ -142,6 +143,8 @@ pub struct Master {
     fdstore: fdstore::FdStore,
     /// The workers' cgroups (cgroup.rs); removed at stop, before the pid-file lock goes.
     cgroups: crate::worker::cgroup::Cgroups,
+    /// `[master] metrics`: the listener and the scrapes under way (metrics.rs).
+    metrics: Option<metrics::Metrics>,
     /// Dropped after the sockets: while the pid file exists, the lock is held.
     pid_file: PidFile,
     /// The id the next control connection gets.
@@ -165,6 +168,7 @@ struct Parts {
     notify: NotifyServer,
     control: ControlServer,
     cgroups: crate::worker::cgroup::Cgroups,
+    metrics: Option<crate::metrics::MetricsServer>,
     pid_file: PidFile,
     started_at: Instant,
     started_wall: SystemTime,
@@ -220,6 +224,7 @@ impl Master {
             fdstore: fdstore::FdStore::new(std::env::var_os("NOTIFY_SOCKET").is_some()),
             systemd: SystemdNotifier::from_env(),
             cgroups: p.cgroups,
+            metrics: p.metrics.map(metrics::Metrics::new),
             pid_file: p.pid_file,
             next_client: p.conns.len() as u64,
             conns: p.conns,
@@ -262,6 +267,7 @@ impl Master {
             self.cgroups.service();
             self.read_notify();
             self.serve_control(&ready);
+            self.serve_metrics(&ready);
             self.pump_pipes(&ready);
             self.check_rss();
             self.pump_hooks(&ready);
@@ -354,6 +360,9 @@ impl Master {
         }
         // The probes' sockets, connecting (POLLOUT) or waiting for the answer (POLLIN).
         self.probes.add_to_poll(&mut fds);
+        if let Some(m) = &self.metrics {
+            m.add_to_poll(&mut fds);
+        }
         let timeout = self.next_deadline().map_or(-1, |d| {
             let left = d.saturating_duration_since(Instant::now());
             // Round up, so that we never wake just before a deadline and spin.
@@ -392,6 +401,7 @@ impl Master {
             .chain(self.probes.next_deadline())
             .chain(self.hook_deadline())
             .chain(self.fdstore.deadline())
+            .chain(self.metrics.as_ref().and_then(|m| m.next_deadline()))
             .min()
     }
 

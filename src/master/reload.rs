@@ -28,6 +28,7 @@ impl Master {
             ("control_socket", new.control_socket != old.control_socket),
             ("log", new.log != old.log),
             ("log_format", new.log_format != old.log_format),
+            ("metrics", new.metrics != old.metrics),
         ]
         .into_iter()
         .filter_map(|(k, c)| c.then_some(k))

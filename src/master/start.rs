@@ -73,6 +73,15 @@ impl Master {
             };
             listeners.push(Rc::new(l));
         }
+        // After the listeners: a port in use is named like theirs (who holds it).
+        let metrics = match &m.metrics {
+            Some(addr) => {
+                let server = crate::metrics::MetricsServer::bind(addr)?;
+                info!(log, "serving metrics"; "addr" => server.listener().local_addr());
+                Some(server)
+            }
+            None => None,
+        };
         for (name, fd) in inherited {
             let addr = crate::listen::bound_addr(&fd);
             let same_name = name
@@ -104,6 +113,7 @@ impl Master {
             notify,
             control,
             cgroups,
+            metrics,
             pid_file,
             started_at: Instant::now(),
             started_wall: SystemTime::now(),

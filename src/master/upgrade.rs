@@ -226,6 +226,17 @@ impl Master {
             notify_path: Some(self.notify.path().to_path_buf()),
             control_path: Some(self.control.path().to_path_buf()),
             log: None,
+            metrics: self.metrics.as_ref().map(|m| {
+                let (fd, addr, created, backlog) = m.server.listener().to_state();
+                handover::ListenerState {
+                    fd,
+                    addr,
+                    created,
+                    backlog,
+                }
+            }),
+            stats: Some(self.gens.stats().clone()),
+            serving_ms: self.gens.stats().serving_for(now).map(clock::ms),
         };
         info!(self.log, "upgrading: re-executing the master"; "exe" => self.exe.display().to_string());
         if let Some(c) = from.and_then(|id| self.conns.get_mut(&id)) {
@@ -366,6 +377,8 @@ impl Master {
             config.path.display().to_string(),
         );
         gens.rearm(now);
+        let serving_for = state.serving_ms.map(Duration::from_millis);
+        gens.restore_stats(state.stats.unwrap_or_default().resumed(now, serving_for));
         // The old image blocked the handled signals for the exec; our handlers are in place now.
         // SAFETY: an empty sigset_t initialised by sigemptyset.
         unsafe {
@@ -388,6 +401,14 @@ impl Master {
             notify: NotifyServer::from_fd(handover::own(state.notify_fd), &notify_path),
             control: ControlServer::from_fd(handover::own(state.control_fd), &control_path),
             pid_file: PidFile::from_state(handover::own(pid_fd), pid_path, pid_ino),
+            metrics: state.metrics.map(|l| {
+                crate::metrics::MetricsServer::from_listener(Listener::from_state(
+                    handover::own(l.fd),
+                    l.addr,
+                    l.created,
+                    l.backlog,
+                ))
+            }),
             log,
             sink,
             listeners: state.current.iter().filter_map(|&i| all.get(i).cloned()).collect(),

@@ -77,7 +77,9 @@ impl Generations {
                     .watchdog
                     .map_or_else(String::new, |d| humantime::format_duration(d).to_string());
                 let why = format!("worker pid {}: watchdog expired (no WATCHDOG=1 for {silent})", w.pid);
+                let pid = w.pid;
                 self.workers[i].watchdog_at = None;
+                self.stats.ending(pid, stats::Ending::Watchdog);
                 self.unhealthy(now, i, why);
                 continue;
             }
@@ -104,6 +106,7 @@ impl Generations {
         }
         if trigger {
             self.workers[i].watchdog_at = None;
+            self.stats.ending(pid, stats::Ending::Watchdog);
             return self.unhealthy(now, i, format!("worker pid {pid}: WATCHDOG=trigger"));
         }
         if let Some(d) = self.params_of(self.workers[i].generation).watchdog {
@@ -233,6 +236,7 @@ impl Generations {
         let (old, why) = (r.old, r.why.clone());
         self.recycling = None;
         if let Some(i) = self.index(old) {
+            self.stats.ending(old, stats::Ending::Recycled);
             self.feed(now, i, WorkerEvent::Stop(now));
         }
         self.log(

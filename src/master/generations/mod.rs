@@ -515,6 +515,8 @@ pub struct Generations {
     rss_hold: Option<(Instant, Duration)>,
     /// The after_reload hook of this generation is running (the next reload waits for it).
     after_hook: Option<u64>,
+    /// Counters of the decisions taken (metrics, `status`).
+    stats: Stats,
     out: Vec<Action>,
 }
 
@@ -562,6 +564,7 @@ impl Generations {
             recycle_retry_at: None,
             rss_hold: None,
             after_hook: None,
+            stats: Stats::default(),
             out: Vec::new(),
         }
     }
@@ -654,6 +657,16 @@ impl Generations {
     /// its cut-over (for `status`; cleared by the next cut-over).
     pub fn unstable(&self) -> Option<&str> {
         self.unstable.as_deref()
+    }
+
+    /// Counters of the decisions taken so far (metrics, `status`, the upgrade hand-over).
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// After an upgrade: the counters the previous image handed over.
+    pub fn restore_stats(&mut self, stats: Stats) {
+        self.stats = stats;
     }
 
     /// The watch after the last cut-over, (generation, until), for an upgrade to hand over.
@@ -754,9 +767,9 @@ impl Generations {
                     self.out.push(Action::Exit { code: self.exit_code });
                 }
             }
-            Event::ReloadRequested { from, if_generation } => self.request_reload(from, if_generation),
+            Event::ReloadRequested { from, if_generation } => self.request_reload(now, from, if_generation),
             Event::ReloadPrepared { generation, params } => self.prepared(generation, params),
-            Event::ReloadPrepareFailed { generation, message } => self.prepare_failed(generation, message),
+            Event::ReloadPrepareFailed { generation, message } => self.prepare_failed(now, generation, message),
             Event::StopRequested { by } => self.stop_requested(now, by),
             Event::Watchdog { pid, trigger } => self.watchdog(now, pid, trigger),
             Event::WorkerRss { pid, bytes } => self.rss(now, pid, bytes),
@@ -788,7 +801,12 @@ fn pid_kv(pid: Pid) -> Kv {
 
 mod care;
 mod reload;
+mod stats;
 mod workers;
+
+#[cfg(test)]
+use stats::{Exits, Reloads};
+pub use stats::{Stats, RELOAD_BUCKETS_US};
 
 #[cfg(test)]
 mod tests;

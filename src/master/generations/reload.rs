@@ -25,6 +25,7 @@ impl Generations {
                     // Every position has had a ready worker, even if one has crashed since (it
                     // is being restarted): the start succeeded.
                     self.phase = Phase::Running;
+                    self.stats.serving(now);
                     self.log(
                         Level::Info,
                         "ready".into(),
@@ -69,7 +70,7 @@ impl Generations {
         // now, as the start or that reload ended.
         if self.reload.is_none() && self.after_hook.is_none() && self.reload_again && self.phase == Phase::Running {
             self.reload_again = false;
-            self.start_reload();
+            self.start_reload(now);
         }
     }
 
@@ -81,8 +82,9 @@ impl Generations {
     }
 
     /// A reload asked for by SIGHUP (`from` = None) or by a control client.
-    pub(super) fn request_reload(&mut self, from: Option<ClientId>, if_generation: Option<u64>) {
+    pub(super) fn request_reload(&mut self, now: Instant, from: Option<ClientId>, if_generation: Option<u64>) {
         let refuse = |m: &mut Generations, message: String| {
+            m.stats.reloads.refused += 1;
             m.log(Level::Info, message.clone(), vec![]);
             if let Some(to) = from {
                 m.out.push(Action::Reply {
@@ -135,7 +137,7 @@ impl Generations {
             self.reload_again = true;
             self.progress(attempt, "a reload is under way; this one will follow it".into());
         } else if !busy {
-            self.start_reload();
+            self.start_reload(now);
         }
     }
 
@@ -168,8 +170,9 @@ impl Generations {
         }
     }
 
-    pub(super) fn start_reload(&mut self) {
+    pub(super) fn start_reload(&mut self, now: Instant) {
         self.attempt += 1;
+        self.stats.reload_began(now);
         let generation = self.next_generation;
         self.log(
             Level::Info,
@@ -475,11 +478,12 @@ impl Generations {
         }
     }
 
-    pub(super) fn prepare_failed(&mut self, generation: u64, message: String) {
+    pub(super) fn prepare_failed(&mut self, now: Instant, generation: u64, message: String) {
         if !self.preparing(generation) {
             return;
         }
         self.reload = None;
+        self.stats.reload_done(now, Some(false));
         self.log(Level::Error, message.clone(), vec![("generation", Kv::U64(generation))]);
         let status = format!("{message}; {}", self.serving_status());
         self.tell_systemd(Systemd::Ready { status });
@@ -504,6 +508,8 @@ impl Generations {
         }
         self.recycle_reset();
         self.unstable = None;
+        self.stats.reload_done(now, Some(true));
+        self.stats.serving(now);
         self.watch = (!params.stable_after.is_zero()).then(|| Watch {
             generation,
             until: clock::after(now, params.stable_after),
@@ -581,6 +587,7 @@ impl Generations {
             _ => None,
         };
         let Some(r) = self.reload.take() else { return };
+        self.stats.reload_done(now, Some(false));
         for i in 0..self.workers.len() {
             // After a roll-back, a new worker still serving is one whose slot could not be
             // given back yet: it stays until a serving-generation worker is ready there.

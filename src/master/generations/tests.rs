@@ -1834,3 +1834,5 @@ fn recycle_jitter_spreads_lifetimes_and_stays_within_it() {
 }
 #[path = "hooks_tests.rs"]
 mod hooks;
+#[path = "stats_tests.rs"]
+mod stats;

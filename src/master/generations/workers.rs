@@ -59,6 +59,7 @@ impl Generations {
 
     pub(super) fn spawned(&mut self, now: Instant, pid: Pid, generation: u64, slot: usize) {
         let why = self.take_spawning(generation, slot);
+        self.stats.worker_starts += 1;
         let p = self.params_of(generation);
         let ready_at = match p.ready {
             Ready::Delay(d) => Some(clock::after(now, d)),
@@ -108,6 +109,7 @@ impl Generations {
 
     pub(super) fn spawn_failed(&mut self, now: Instant, generation: u64, slot: usize, reason: String) {
         let why = self.take_spawning(generation, slot);
+        self.stats.spawn_failures += 1;
         self.log(Level::Error, reason.clone(), vec![("generation", Kv::U64(generation))]);
         match why {
             Some(SpawnFor::Generation { .. } | SpawnFor::Roll) => {
@@ -130,6 +132,7 @@ impl Generations {
     /// Feed an event to worker `i` and act on what it reports.
     pub(super) fn feed(&mut self, now: Instant, i: usize, event: WorkerEvent) {
         let was_ready = self.workers[i].state == State::Ready;
+        let prev = self.workers[i].state;
         let (next, effects) = transition(self.workers[i].state, event, self.workers[i].stop_timeout);
         self.workers[i].state = next;
         for effect in effects {
@@ -150,6 +153,7 @@ impl Generations {
                     self.out.push(Action::Probe { pid });
                 }
                 Effect::ProbeFailed { timed_out } => {
+                    self.stats.ending(pid, stats::Ending::ProbeFailed);
                     let tail = escaped(&w.tail);
                     let verdict = self.probe_verdict.take();
                     let reason = match verdict {
@@ -188,6 +192,7 @@ impl Generations {
                 }
 
                 Effect::StartTimedOut => {
+                    self.stats.ending(pid, stats::Ending::StartTimeout);
                     let tail = escaped(&w.tail);
                     let reason = format!(
                         "worker pid {pid} did not become ready within {}{}",
@@ -197,6 +202,7 @@ impl Generations {
                     self.generation_failed(now, generation, slot, reason, tail);
                 }
                 Effect::Gone { status, expected } => {
+                    self.stats.gone(pid, prev, expected);
                     if expected {
                         self.log(
                             Level::Info,
@@ -384,6 +390,7 @@ impl Generations {
                 continue;
             }
             self.slots[slot].restarts += 1;
+            self.stats.restarts += 1;
             self.spawn(self.generation, slot, SpawnFor::Restart);
         }
     }
@@ -429,6 +436,7 @@ impl Generations {
         // Every reload a client still waits for, under way or queued, will not happen.
         self.kill_hooks();
         if let Some(r) = self.reload.take() {
+            self.stats.reload_done(now, None);
             if r.params.is_some() {
                 self.out.push(Action::DiscardReload {
                     generation: r.generation,
@@ -475,6 +483,7 @@ impl Generations {
                 self.probe_verdict = None;
             }
             State::Ready if self.workers[i].generation == self.generation && self.phase == Phase::Running => {
+                self.stats.ending(pid, stats::Ending::ProbeFailed);
                 self.log(
                     Level::Warn,
                     format!("worker failed its health probe; replacing it: {reason}"),
