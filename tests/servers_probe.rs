@@ -504,7 +504,7 @@ fn twisted_starts_and_reloads_with_the_default_ready() {
         return missing(test, "python3 -m twisted not importable (pip install twisted)");
     }
     let command = twist(&[0]);
-    unprobed(test, &command, &format!("cwd = \"{FIXTURES}\""), &command, false);
+    unprobed(test, &command, &format!("cwd = \"{FIXTURES}\""), &command, true);
 }
 
 #[test]
@@ -521,7 +521,7 @@ fn twisted_serves_the_probe_with_one_listen_per_fd() {
         reload_command: None,
         bad_command: command,
         bad_worker: format!("cwd = \"{FIXTURES}\"\n{}", health(500)),
-        shutdown_drops: false,
+        shutdown_drops: true,
     });
 }
 
