@@ -155,3 +155,20 @@ fn bad_care_values_are_refused_with_their_position() {
         );
     }
 }
+
+#[test]
+fn a_watchdog_shorter_than_the_boot_is_armed_only_once_the_worker_is_ready() {
+    let port = free_port();
+    // Boots in 800 ms, pings every 100 ms once ready; the watchdog is 300 ms.
+    let mut z = Zdd::spawn(&config(
+        port,
+        &["--ready-after", "800", "--serve", "--watchdog-ping", "100"],
+        "watchdog = \"300ms\"",
+    ));
+    z.wait_ready();
+    // A reload boots another one the same way, and commits.
+    z.reload(1);
+    z.wait_msg("reload complete");
+    assert!(!z.log_text().contains("watchdog expired"), "{}", z.log_text());
+    z.stop();
+}

@@ -38,7 +38,10 @@ fn have_gunicorn() -> bool {
 #[test]
 fn gunicorn_serves_and_reloads() {
     if !have_gunicorn() {
-        eprintln!("SKIP gunicorn_serves_and_reloads: python3 -m gunicorn not importable (pip install gunicorn)");
+        missing(
+            "gunicorn_serves_and_reloads",
+            "python3 -m gunicorn not importable (pip install gunicorn)",
+        );
         return;
     }
     let port = free_port();
@@ -105,7 +108,10 @@ fn uvicorn_serves_and_reloads() {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("SKIP uvicorn_serves_and_reloads: python3 -m uvicorn not importable (pip install uvicorn)");
+        missing(
+            "uvicorn_serves_and_reloads",
+            "python3 -m uvicorn not importable (pip install uvicorn)",
+        );
         return;
     }
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -117,7 +123,10 @@ fn uvicorn_serves_and_reloads() {
 #[test]
 fn node_http_server_on_fd_3_serves_and_reloads() {
     if std::process::Command::new("node").arg("--version").output().is_err() {
-        eprintln!("SKIP node_http_server_on_fd_3_serves_and_reloads: node not installed (Debian package nodejs)");
+        missing(
+            "node_http_server_on_fd_3_serves_and_reloads",
+            "node not installed (Debian package nodejs)",
+        );
         return;
     }
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/node_server.js");
@@ -129,7 +138,10 @@ fn go_net_http_server_serves_and_reloads() {
     // A Go net/http server that checks LISTEN_PID and LISTEN_FDS itself and takes fd 3 with
     // net.FileListener; standard library only, so building it downloads nothing.
     if std::process::Command::new("go").arg("version").output().is_err() {
-        eprintln!("SKIP go_net_http_server_serves_and_reloads: go not installed (Debian package golang-go)");
+        missing(
+            "go_net_http_server_serves_and_reloads",
+            "go not installed (Debian package golang-go)",
+        );
         return;
     }
     let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/go_server.go");
@@ -158,9 +170,9 @@ fn systemd_socket_proxyd_accepts_the_sockets() {
     // libsystemd's own sd_listen_fds() checks LISTEN_PID and LISTEN_FDS strictly.
     let proxyd = std::path::Path::new("/lib/systemd/systemd-socket-proxyd");
     if !proxyd.exists() {
-        eprintln!(
-            "SKIP systemd_socket_proxyd_accepts_the_sockets: {} missing (Debian package systemd)",
-            proxyd.display()
+        missing(
+            "systemd_socket_proxyd_accepts_the_sockets",
+            "/lib/systemd/systemd-socket-proxyd missing (Debian package systemd)",
         );
         return;
     }

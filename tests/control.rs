@@ -280,7 +280,10 @@ fn stop_timeout_and_not_running_exit_codes() {
 #[test]
 fn control_socket_refuses_other_users() {
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP control_socket_refuses_other_users: needs root to run a client as another uid");
+        missing(
+            "control_socket_refuses_other_users",
+            "needs root to run a client as another uid",
+        );
         return;
     }
     let port = free_port();

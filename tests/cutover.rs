@@ -233,11 +233,10 @@ fn have_gunicorn() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "gunicorn is missing in CI (.ci/install-deps installs it)"
+        missing(
+            "a gunicorn rolling reload",
+            "python3 -m gunicorn not importable (pip install gunicorn)",
         );
-        eprintln!("SKIP: python3 -m gunicorn not importable (pip install gunicorn)");
     }
     ok
 }

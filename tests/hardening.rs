@@ -121,7 +121,10 @@ fn a_failed_reload_to_another_user_gives_the_notify_socket_back() {
     let root = nix::unistd::Uid::effective().is_root();
     if !root {
         assert!(std::env::var_os("CI").is_none(), "CI must run the tests as root");
-        eprintln!("SKIPPED a_failed_reload_to_another_user_gives_the_notify_socket_back: needs root");
+        missing(
+            "a_failed_reload_to_another_user_gives_the_notify_socket_back",
+            "needs root",
+        );
         return;
     }
     let port = free_port();

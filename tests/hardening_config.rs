@@ -397,7 +397,10 @@ fn a_runtime_dir_owned_by_another_user_is_refused() {
             std::env::var_os("CI").is_none(),
             "this test needs root (chown) and CI is set"
         );
-        eprintln!("SKIP a_runtime_dir_owned_by_another_user_is_refused: needs root to chown a directory");
+        missing(
+            "a_runtime_dir_owned_by_another_user_is_refused",
+            "needs root to chown a directory",
+        );
         return;
     }
     let z = Zdd::new(&shared_config("{dir}/theirs"));

@@ -435,7 +435,7 @@ fn pipes_held_open_by_exited_workers_descendants_are_capped() {
     // cgroups; a master running as nobody has none here.
     if !nix::unistd::geteuid().is_root() {
         assert!(std::env::var_os("CI").is_none(), "needs root under CI");
-        eprintln!("\n*** SKIP pipes_held_open_by_exited_workers_descendants_are_capped: needs root ***\n");
+        missing("pipes_held_open_by_exited_workers_descendants_are_capped", "needs root");
         return;
     }
     let mut z = Zdd::new(&worker_with_an_escaped_descendant("held"));

@@ -275,7 +275,7 @@ fn an_orphan_pipes_incomplete_line_survives_an_upgrade() {
     // worker without cgroups, which a master running as nobody does not have here.
     if !nix::unistd::geteuid().is_root() {
         assert!(std::env::var_os("CI").is_none(), "needs root under CI");
-        eprintln!("\n*** SKIP an_orphan_pipes_incomplete_line_survives_an_upgrade: needs root ***\n");
+        missing("an_orphan_pipes_incomplete_line_survives_an_upgrade", "needs root");
         return;
     }
     let script = "if [ -e {dir}/scratch/once ]; then exec sleep 600; fi; touch {dir}/scratch/once; \

@@ -398,7 +398,10 @@ fn shell_worker_can_use_systemd_notify() {
         .output()
         .is_err()
     {
-        eprintln!("SKIP: systemd-notify not installed (Debian package systemd)");
+        missing(
+            "this systemd-notify test",
+            "systemd-notify not installed (Debian package systemd)",
+        );
         return;
     }
     let port = free_port();
@@ -440,7 +443,7 @@ fn count_workers_all_share_the_socket() {
 #[test]
 fn unix_listener_gets_owner_and_group() {
     if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("SKIP unix_listener_gets_owner_and_group: needs root to chown");
+        missing("unix_listener_gets_owner_and_group", "needs root to chown");
         return;
     }
     let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");

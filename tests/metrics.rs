@@ -22,11 +22,10 @@ fn parser_ready(test: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        let msg = format!(
-            "SKIP {test}: python3 with prometheus_client is missing (run .ci/install-deps: pip prometheus-client)"
+        missing(
+            test,
+            "python3 with prometheus_client is missing (pip prometheus-client)",
         );
-        eprintln!("\n{}\n{msg}\n{}\n", "!".repeat(msg.len()), "!".repeat(msg.len()));
-        assert!(std::env::var_os("CI").is_none(), "{msg} (CI is set: failing)");
     }
     ok
 }

@@ -12,7 +12,10 @@ fn units_pass_systemd_analyze_verify() {
         .output()
         .is_err()
     {
-        eprintln!("SKIP units_pass_systemd_analyze_verify: systemd-analyze not installed (Debian package systemd)");
+        missing(
+            "units_pass_systemd_analyze_verify",
+            "systemd-analyze not installed (Debian package systemd)",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -415,7 +415,10 @@ impl HttpLoad {
 #[test]
 fn gunicorn_without_preload_whose_new_app_fails_keeps_the_old_generation() {
     if !have_gunicorn() {
-        eprintln!("SKIP gunicorn_without_preload_whose_new_app_fails_keeps_the_old_generation: python3 -m gunicorn not importable");
+        missing(
+            "gunicorn_without_preload_whose_new_app_fails_keeps_the_old_generation",
+            "python3 -m gunicorn not importable",
+        );
         return;
     }
     let port = free_port();

@@ -29,7 +29,10 @@ fn free_privileged_port() -> u16 {
 #[test]
 fn workers_drop_privileges_irreversibly_and_serve_a_privileged_port() {
     if !is_root() {
-        eprintln!("SKIP workers_drop_privileges_irreversibly_and_serve_a_privileged_port: needs root");
+        missing(
+            "workers_drop_privileges_irreversibly_and_serve_a_privileged_port",
+            "needs root",
+        );
         return;
     }
     let port = free_privileged_port();
@@ -60,7 +63,10 @@ fn workers_drop_privileges_irreversibly_and_serve_a_privileged_port() {
 #[test]
 fn privilege_drop_needs_a_root_master() {
     if !is_root() {
-        eprintln!("SKIP privilege_drop_needs_a_root_master: needs root to become another user");
+        missing(
+            "privilege_drop_needs_a_root_master",
+            "needs root to become another user",
+        );
         return;
     }
     // Run the master itself as nobody, asking for another user's workers.
@@ -209,7 +215,10 @@ fn orphans_of_workers_are_reaped() {
 #[test]
 fn as_pid_1_it_reaps_and_stops_on_term() {
     if !is_root() || std::process::Command::new("unshare").arg("--version").output().is_err() {
-        eprintln!("SKIP as_pid_1_it_reaps_and_stops_on_term: needs root and unshare (util-linux)");
+        missing(
+            "as_pid_1_it_reaps_and_stops_on_term",
+            "needs root and unshare (util-linux)",
+        );
         return;
     }
     let z = Zdd::new("[worker]\ncommand = [\"/bin/sh\", \"-c\", \"(sleep 0.2 &); exec {fixture} --ready\"]\n");

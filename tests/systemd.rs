@@ -122,7 +122,10 @@ fn adopt_with_fdname(fdname: &str) {
         .output()
         .is_err()
     {
-        eprintln!("SKIP adopts_sockets_from_systemd_socket_activate: systemd-socket-activate not installed (Debian package systemd)");
+        missing(
+            "adopts_sockets_from_systemd_socket_activate",
+            "systemd-socket-activate not installed (Debian package systemd)",
+        );
         return;
     }
     let (p1, p2) = (free_port(), free_port());

@@ -501,7 +501,13 @@ pub fn missing(test: &str, why: &str) {
         std::env::var_os("CI").is_none(),
         "{test}: {why} (CI is set: a missing prerequisite is a failure; run .ci/install-deps)"
     );
-    eprintln!("\n*** SKIPPED {test}: {why} (run .ci/install-deps) ***\n");
+    // Straight to fd 2, not through eprintln!: the test harness captures that and shows it
+    // only for failing tests, so a skip would pass unseen.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "\n*** SKIPPED {test}: {why} (run .ci/install-deps) ***"
+    );
 }
 
 /// Whether `program args` runs and exits 0.
