@@ -148,7 +148,7 @@ fn reload_command_reports_success_and_failure() {
     let text = stdout(&o);
     assert!(text.contains("starting generation 2"), "{text}");
     assert!(
-        text.contains("reloaded: generation 2 serving (1 workers); generation 1 signalled to stop"),
+        text.contains("reloaded: generation 2 serving (1 worker); generation 1 signalled to stop"),
         "{text}"
     );
     let serving = ask_gen(addr, 2);

@@ -293,7 +293,7 @@ impl Generations {
         self.next_generation += 1;
         self.progress(
             self.attempt,
-            format!("starting generation {generation} ({} workers)", params.count),
+            format!("starting generation {generation} ({})", workers(params.count)),
         );
         if let Some(r) = &mut self.reload {
             r.roll = params.rolling.map(|surge| Roll {
@@ -528,8 +528,10 @@ impl Generations {
                 ("generation", Kv::U64(generation)),
             ],
         );
-        let message =
-            format!("reloaded: generation {generation} serving ({count} workers); generation {old} signalled to stop");
+        let message = format!(
+            "reloaded: generation {generation} serving ({}); generation {old} signalled to stop",
+            workers(count)
+        );
         let after_reload = self.params.after_reload;
         let status = self.serving_status();
         self.tell_systemd(Systemd::Ready { status });
@@ -631,4 +633,9 @@ impl Generations {
         // while this reload was under way leave nothing to serve now.
         self.stop_if_nothing_left(now);
     }
+}
+
+/// `1 worker`, `4 workers`.
+pub(super) fn workers(n: usize) -> String {
+    format!("{n} worker{}", if n == 1 { "" } else { "s" })
 }
