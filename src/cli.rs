@@ -11,7 +11,8 @@ use clap::{Parser, Subcommand};
     name = "zdd",
     version,
     about = "Zero-downtime restarts for any server: a master keeps the listening sockets, workers come and go",
-    after_help = "Signals to the master: HUP reload, TERM/INT graceful stop (a second one kills at once), \
+    disable_help_subcommand = true,
+    after_help = "Signals to the master: HUP reload, TERM/INT/QUIT graceful stop (a second one kills at once), \
                   USR1 reopen logs, USR2 upgrade.\nExit codes: 0 success, 1 action failed, 2 usage or config error, 3 master not running."
 )]
 pub struct Cli {
@@ -87,6 +88,9 @@ pub enum Command {
         /// bash, zsh, fish, elvish or powershell
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff)
-    Man,
+    /// Print the man page (roff): zdd(1), or a command's own page (zdd-start(1), …)
+    Man {
+        /// The command whose page to print
+        command: Option<String>,
+    },
 }

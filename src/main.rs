@@ -211,11 +211,28 @@ fn run(cli: Cli) -> Result<u8, CliError> {
             out(&String::from_utf8_lossy(&buf));
             Ok(0)
         }
-        Command::Man => {
+        Command::Man { command } => {
+            let top = Cli::command();
+            let page = match command {
+                None => top,
+                // zdd(1) refers to zdd-start(1) and the others: each is its command's page.
+                Some(name) => {
+                    let sub = top.find_subcommand(name).filter(|c| !c.is_hide_set()).ok_or_else(|| {
+                        let names: Vec<&str> = top
+                            .get_subcommands()
+                            .filter(|c| !c.is_hide_set())
+                            .map(|c| c.get_name())
+                            .collect();
+                        fail(2, format!("no command {name:?}; commands: {}", names.join(", ")))
+                    })?;
+                    sub.clone()
+                        .name(format!("zdd-{name}"))
+                        .bin_name(format!("zdd {name}"))
+                        .version(env!("CARGO_PKG_VERSION"))
+                }
+            };
             let mut buf = Vec::new();
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut buf)
-                .map_err(|e| fail(1, e))?;
+            clap_mangen::Man::new(page).render(&mut buf).map_err(|e| fail(1, e))?;
             out(&String::from_utf8_lossy(&buf));
             Ok(0)
         }

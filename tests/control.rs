@@ -423,6 +423,37 @@ fn completions_and_man_page() {
     assert_eq!(o.status.code(), Some(0));
     let text = stdout(&o);
     assert!(text.contains(".TH zdd") && text.contains("reload"), "{text}");
+    // Every page zdd(1) refers to exists: `zdd man CMD` prints it.
+    let refs: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("zdd\\-"))
+        .filter_map(|l| l.strip_suffix("(1)"))
+        .map(|c| c.replace("\\-", "-"))
+        .collect();
+    assert!(refs.contains(&"start".to_string()), "{text}");
+    assert!(!refs.contains(&"help".to_string()), "zdd-help(1) is no page: {text}");
+    for cmd in &refs {
+        let o = std::process::Command::new(zdd_bin())
+            .args(["man", cmd])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "zdd man {cmd}: {}", stderr(&o));
+        let page = stdout(&o);
+        assert!(
+            page.starts_with(&format!(".ie \\n(.g .ds Aq")) || page.contains(&format!(".TH zdd-{cmd}")),
+            "{page}"
+        );
+        assert!(page.contains(&format!(".TH zdd-{cmd}")), "{page}");
+    }
+    let o = std::process::Command::new(zdd_bin())
+        .args(["man", "frobnicate"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("no command \"frobnicate\""), "{}", stderr(&o));
+    // --help names every stop signal the master handles.
+    let o = std::process::Command::new(zdd_bin()).arg("--help").output().unwrap();
+    assert!(stdout(&o).contains("TERM/INT/QUIT graceful stop"), "{}", stdout(&o));
     let o = std::process::Command::new(zdd_bin())
         .args(["completions", "tcsh"])
         .output()
