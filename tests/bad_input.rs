@@ -316,3 +316,37 @@ fn usage_error_exits_2() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn a_server_that_daemonizes_itself_gets_the_hint_and_nothing_is_left() {
+    if !nix::unistd::geteuid().is_root() {
+        return missing(
+            "a_server_that_daemonizes_itself_gets_the_hint_and_nothing_is_left",
+            "needs root (a cgroup per worker finds what left the process group)",
+        );
+    }
+    // The classic: fork into the background (new session), the parent exits 0.
+    let marker = format!("zdd-daemonized-{}", std::process::id());
+    let z = Zdd::new(&format!(
+        "[worker]\ncommand = [\"/bin/sh\", \"-c\", \"setsid sh -c 'exec -a {marker} sleep 1000' </dev/null >/dev/null 2>&1 & exit 0\"]\n{}",
+        listen(free_port())
+    ));
+    let o = start_output(&z);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("exited with status 0 during start-up")
+            && e.contains("did the server daemonize itself? run it in the foreground"),
+        "{e}"
+    );
+    assert_nothing_left(&z, &o);
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &marker])
+        .output()
+        .unwrap();
+    assert!(stdout_of(&left).trim().is_empty(), "left running: {}", stdout_of(&left));
+}
+
+fn stdout_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

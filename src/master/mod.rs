@@ -439,7 +439,21 @@ impl Master {
                     break;
                 }
             };
+            let mut left_behind = Vec::new();
             if let Some(w) = self.workers.iter().find(|w| w.pid == pid) {
+                // A worker gone before it was ready that left processes behind has probably
+                // daemonized itself: its failure report will say so.
+                let starting = self.gens.worker(pid).is_some_and(|m| {
+                    matches!(
+                        m.state,
+                        crate::worker::State::Starting { .. } | crate::worker::State::Probing { .. }
+                    )
+                });
+                if starting {
+                    let cgroup = w.cgroup.as_ref().map(|c| c.path().to_path_buf());
+                    left_behind = crate::worker::usage::members(pid, cgroup.as_deref());
+                    left_behind.retain(|&p| p != pid.as_raw());
+                }
                 w.kill_leftovers();
             } else if self.is_hook(pid) {
                 let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
@@ -454,6 +468,17 @@ impl Master {
                 }
                 Ok(ws) => {
                     if let Some((pid, status)) = ExitStatus::from_wait(ws) {
+                        if !left_behind.is_empty() {
+                            self.gens.remember(
+                                pid,
+                                &format!(
+                                    "zdd: the worker exited during start-up but left {} running (pids {:?}, now killed): \
+                                     did the server daemonize itself? run it in the foreground",
+                                    if left_behind.len() == 1 { "a process" } else { "processes" },
+                                    left_behind
+                                ),
+                            );
+                        }
                         self.on_exit(pid, status);
                     }
                 }
