@@ -26,9 +26,24 @@ pub fn start_daemon(config_path: &Path) -> Result<u8, crate::master::StartError>
     // The daemon keeps the invoking stderr only to log there, and only if it is a file: a
     // terminal goes away and a pipe would keep its reader waiting for EOF forever.
     let keep_stderr = log_to_stderr && stderr_is_file;
-    let discard_log = log_to_stderr && !stderr_is_file;
-    let (log, sink) = crate::log::build(&config.master.log, config.master.log_format)
-        .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;
+    // Logging to a terminal (or a pipe) that the daemon leaves behind would lose every line:
+    // the daemon logs to a file beside its control socket instead, and says where.
+    let default_file = (log_to_stderr && !stderr_is_file).then(|| default_log_file(&config.master.control_socket));
+    let target = match &default_file {
+        Some(path) => {
+            crate::pidfile::ensure_parent(path).map_err(|e| {
+                StartError::Other(format!(
+                    "creating the directory of {}: {}",
+                    path.display(),
+                    describe_io(&e)
+                ))
+            })?;
+            crate::config::LogTarget::File(path.clone())
+        }
+        None => config.master.log.clone(),
+    };
+    let (log, sink) = crate::log::build(&target, config.master.log_format)
+        .map_err(|e| StartError::Other(format!("opening log {:?}: {}", target, describe_io(&e))))?;
     let mut master = Master::start(config, log, sink)?;
     let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| StartError::Other(format!("pipe: {}", describe(e))))?;
@@ -58,15 +73,12 @@ pub fn start_daemon(config_path: &Path) -> Result<u8, crate::master::StartError>
             // The daemon writes its report and closes the pipe (or dies, which closes it too).
             let mut line = String::new();
             let _ = File::from(report_r).read_to_string(&mut line);
-            if discard_log {
-                eprintln!(
-                    "zdd: warning: [master] log = \"stderr\" and stderr is not a file: the daemon's log is discarded \
-                     (set [master] log to a file, or use --foreground)"
-                );
-            }
             let line = line.trim_end();
             if let Some(rest) = line.strip_prefix("ready ") {
-                println!("zdd: started: {rest}");
+                match &default_file {
+                    Some(path) => println!("zdd: started: {rest}; log: {}", path.display()),
+                    None => println!("zdd: started: {rest}"),
+                }
                 Ok(0)
             } else if let Some(reason) = line.strip_prefix("failed ") {
                 Err(StartError::Other(format!("start failed: {reason}")))
@@ -94,4 +106,10 @@ pub fn start_daemon(config_path: &Path) -> Result<u8, crate::master::StartError>
             std::process::exit(1)
         }
     }
+}
+
+/// Where a daemon whose `[master] log` is stderr, not a file, logs: beside its control socket,
+/// named after it (`/run/zdd/app.sock` → `/run/zdd/app.log`).
+fn default_log_file(control_socket: &Path) -> PathBuf {
+    control_socket.with_extension("log")
 }

@@ -515,3 +515,34 @@ fn status_during_a_crash_loop_shows_the_slot_waiting_to_restart_and_why() {
     );
     z.stop();
 }
+
+#[test]
+fn a_daemon_whose_log_is_stderr_logs_to_a_file_beside_its_control_socket_and_says_where() {
+    let port = free_port();
+    // No [master] log: stderr, which is a pipe here, not a file the daemon could keep.
+    let z = Zdd::new(&format!(
+        "[master]\ncontrol_socket = \"run/app.sock\"\n\n[worker]\ncommand = {}\n\n[[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{port}\"\n",
+        toml_list(&["{fixture}", "--ready", "--serve", "--echo", "hello from the worker"])
+    ));
+    let o = zdd(&z, &["start"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let log = z.path("run/app.log");
+    let out = stdout(&o);
+    assert!(
+        out.contains("; log: ") && out.trim_end().ends_with("run/app.log"),
+        "{out}"
+    );
+    let text = wait_for("the worker's line in the log file", DEADLINE, || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("hello from the worker"))
+    });
+    assert!(text.contains("ready"), "{text}");
+    let s = status(&z);
+    assert!(s["log_file"].as_str().unwrap().ends_with("run/app.log"), "{s}");
+    assert!(
+        stdout(&zdd(&z, &["status"])).contains("log file "),
+        "status names the log file"
+    );
+    stop(&z);
+}

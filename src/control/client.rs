@@ -230,6 +230,9 @@ pub fn format_status(s: &Value) -> String {
     if let Some(u) = s["unstable"].as_str() {
         out.push_str(&format!("UNSTABLE {u}\n"));
     }
+    if let Some(path) = s["log_file"].as_str() {
+        out.push_str(&format!("log file {path}\n"));
+    }
     // The log, only when there is something to say: lines lost, a write failing, bytes waiting.
     let log = &s["log"];
     let mut said = Vec::new();

@@ -392,6 +392,11 @@ impl Sink {
         })
     }
 
+    /// The log file zdd writes, if it writes one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
     /// Bytes waiting for the log to take them.
     pub fn pending(&self) -> usize {
         self.lock().out.pending()

@@ -182,6 +182,7 @@ impl Master {
             "restarting": restarting,
             "listeners": listeners,
             "log": self.sink.status(),
+            "log_file": self.sink.path().map(|p| p.display().to_string()),
             "metrics": self.metrics_json(),
         })
     }

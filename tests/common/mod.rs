@@ -288,7 +288,8 @@ impl Zdd {
             .collect()
     }
 
-    /// No runtime files (pid file, sockets) left in `run/`, and no worker alive.
+    /// No runtime files (pid file, sockets) left in `run/`, and no worker alive. A daemon's
+    /// default log file (`<stem>.log`) is no runtime file: the log outlives the master.
     pub fn assert_clean(&self) {
         let run = self.path("run");
         if run.exists() {
@@ -296,6 +297,7 @@ impl Zdd {
                 .unwrap()
                 .flatten()
                 .map(|e| e.file_name())
+                .filter(|n| !n.to_string_lossy().ends_with(".log"))
                 .collect();
             assert!(left.is_empty(), "left behind in run/: {left:?}");
         }
