@@ -43,7 +43,7 @@ pub fn start_daemon(config_path: &Path) -> Result<u8, crate::master::StartError>
         None => config.master.log.clone(),
     };
     let (log, sink) = crate::log::build(&target, config.master.log_format)
-        .map_err(|e| StartError::Other(format!("opening log {:?}: {}", target, describe_io(&e))))?;
+        .map_err(|e| StartError::Other(format!("opening log {}: {}", target, describe_io(&e))))?;
     let mut master = Master::start(config, log, sink)?;
     let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| StartError::Other(format!("pipe: {}", describe(e))))?;

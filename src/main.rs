@@ -132,6 +132,21 @@ fn run(cli: Cli) -> Result<u8, CliError> {
     match &cli.command {
         Command::Check => {
             let c = load(&cli)?;
+            // A port taken now is no config error (the holder may be this config's running
+            // master, or gone by the start), but start would fail on it: say so.
+            for l in &c.listen {
+                if let config::ListenAddr::Tcp(addr) = &l.addr {
+                    if addr.port() != 0 && portholder::in_use(addr) {
+                        eprintln!(
+                            "zdd: warning: listener {:?}: port {} is in use now ({}); start fails on it unless \
+                             that is this config's running master",
+                            l.name,
+                            addr.port(),
+                            portholder::describe(addr)
+                        );
+                    }
+                }
+            }
             let plural = |n: usize| if n == 1 { "" } else { "s" };
             out(&format!(
                 "{}: ok ({} listener{}, {} worker{})\n",

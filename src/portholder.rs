@@ -14,6 +14,13 @@ const MAX_NAMED: usize = 5;
 /// A command line is cut to this many characters.
 const MAX_CMDLINE: usize = 80;
 
+/// Whether a socket listens on `addr`'s port now (any address: what /proc/net shows).
+pub fn in_use(addr: &SocketAddr) -> bool {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .any(|table| std::fs::read_to_string(table).is_ok_and(|text| !listening_inodes(&text, addr.port()).is_empty()))
+}
+
 /// A sentence that says who holds `addr`'s port, as well as can be seen from here.
 pub fn describe(addr: &SocketAddr) -> String {
     let mut inodes = BTreeSet::new();

@@ -350,3 +350,37 @@ fn a_server_that_daemonizes_itself_gets_the_hint_and_nothing_is_left() {
 fn stdout_of(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+#[test]
+fn check_refuses_a_unix_listener_in_a_missing_directory_like_start_would() {
+    let z = Zdd::new(
+        "[worker]\ncommand = [\"{fixture}\", \"--ready\"]\n[[listen]]\nname = \"u\"\nunix = \"/nonexistent-zdd-dir/s.sock\"\n",
+    );
+    let o = z.command(&["check"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("listen.unix: directory /nonexistent-zdd-dir: no such file or directory (ENOENT)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn check_warns_about_a_port_in_use_and_names_the_holder() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let z = Zdd::new(&format!(
+        "[worker]\ncommand = [\"{{fixture}}\", \"--ready\"]\n{}",
+        listen(port)
+    ));
+    let o = z.command(&["check"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "a warning, not an error: {}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains(&format!(
+            "warning: listener \"http\": port {port} is in use now (held by pid {}",
+            std::process::id()
+        )),
+        "{e}"
+    );
+}

@@ -85,6 +85,15 @@ pub enum LogTarget {
     File(PathBuf),
 }
 
+impl fmt::Display for LogTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LogTarget::Stderr => write!(f, "stderr"),
+            LogTarget::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,

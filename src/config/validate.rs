@@ -762,6 +762,10 @@ impl Validator<'_> {
                             format!("socket path {} is longer than 107 bytes", p.display()),
                         ));
                     }
+                    // What bind(2) will need at start: a directory that exists.
+                    if self.checks >= Checks::Start {
+                        check_log_path(&p).map_err(|msg| self.err(u.span(), "listen.unix", msg))?;
+                    }
                     ListenAddr::Unix(p)
                 }
             }

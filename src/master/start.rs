@@ -198,7 +198,7 @@ pub fn run_foreground(config_path: &Path) -> Result<i32, StartError> {
     }
     let config = config::load(config_path)?;
     let (log, sink) = crate::log::build(&config.master.log, config.master.log_format)
-        .map_err(|e| StartError::Other(format!("opening log {:?}: {}", config.master.log, describe_io(&e))))?;
+        .map_err(|e| StartError::Other(format!("opening log {}: {}", config.master.log, describe_io(&e))))?;
     let master = Master::start(config, log, sink)?;
     Ok(master.run())
 }

@@ -275,7 +275,7 @@ impl Master {
         let (log, sink) = match state.log.take() {
             Some(l) => crate::log::resume(l.path, l.fd.map(handover::own), l.pending, config.master.log_format),
             None => crate::log::build(&config.master.log, config.master.log_format)
-                .map_err(|e| format!("opening log {:?}: {}", config.master.log, describe_io(&e)))?,
+                .map_err(|e| format!("opening log {}: {}", config.master.log, describe_io(&e)))?,
         };
         Ok(Prepared {
             config: Rc::new(config),
