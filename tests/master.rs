@@ -461,3 +461,62 @@ fn unix_listener_gets_owner_and_group() {
     assert_eq!(meta.mode() & 0o777, 0o660);
     z.stop();
 }
+
+/// Ask a udp listener: one datagram, the fixture's "<pid> <generation>" back.
+fn ask_udp(port: u16) -> (i32, u64) {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    wait_for("an answer to a datagram", DEADLINE, || {
+        s.send_to(b"hello", addr(port)).unwrap();
+        let mut buf = [0u8; 256];
+        let (n, _) = s.recv_from(&mut buf).ok()?;
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let mut it = text.split_whitespace();
+        Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+    })
+}
+
+#[test]
+fn udp_listener_is_passed_and_kept_by_address_and_type_across_a_reload() {
+    let (p, q, r) = (free_port(), free_port(), free_port());
+    let conf = |second: u16| {
+        format!(
+            "[worker]\ncommand = [\"{{fixture}}\", \"--ready\", \"--serve\"]\n\n\
+             [[listen]]\nname = \"http\"\ntcp = \"127.0.0.1:{p}\"\n\
+             [[listen]]\nname = \"quic\"\nudp = \"127.0.0.1:{p}\"\nreceive_buffer = \"64KiB\"\n\
+             [[listen]]\nname = \"dns\"\nudp = \"127.0.0.1:{second}\"\n"
+        )
+    };
+    let mut z = Zdd::spawn(&conf(q));
+    z.wait_ready();
+    let first = z.started_pids()[0];
+    assert_eq!(ask_udp(p), (first, 1));
+    assert_eq!(ask_udp(q), (first, 1));
+    assert_eq!(
+        ask(addr(p)).unwrap(),
+        (first, 1),
+        "tcp and udp on one port are distinct"
+    );
+    let before = z.report(first);
+    assert_eq!(before["env"]["LISTEN_FDNAMES"], "http:quic:dns");
+    z.write_config(&conf(r));
+    z.reload(1);
+    let second = z.started_pids()[1];
+    let after = z.report(second);
+    assert_eq!(socket_of(&after, 3), socket_of(&before, 3), "tcp kept");
+    assert_eq!(
+        socket_of(&after, 4),
+        socket_of(&before, 4),
+        "udp with the same address kept"
+    );
+    assert_ne!(
+        socket_of(&after, 5),
+        socket_of(&before, 5),
+        "a moved udp listener is bound anew"
+    );
+    wait_for("generation 2 answers the kept udp listener", DEADLINE, || {
+        (ask_udp(p) == (second, 2)).then_some(())
+    });
+    assert_eq!(ask_udp(r), (second, 2));
+    z.stop();
+}

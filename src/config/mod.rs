@@ -284,6 +284,8 @@ pub struct Rlimit {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 pub enum ListenAddr {
     Tcp(SocketAddr),
+    /// A datagram socket (`udp = …`): its own identity, so tcp and udp on one port differ.
+    Udp(SocketAddr),
     Unix(PathBuf),
     /// Linux abstract namespace, written `@name` in the config.
     Abstract(String),
@@ -293,6 +295,7 @@ impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Udp(a) => write!(f, "udp {a}"),
             ListenAddr::Unix(p) => write!(f, "{}", p.display()),
             ListenAddr::Abstract(n) => write!(f, "@{n}"),
         }
@@ -307,6 +310,39 @@ pub struct ListenConfig {
     pub mode: Option<u32>,
     pub owner: Option<Uid>,
     pub group: Option<Gid>,
+    /// Socket options (`reuse_port`, `keepalive`, …), carried across an upgrade as they are.
+    pub opts: SockOpts,
+}
+
+/// The socket options of a `[[listen]]` beyond its address, like systemd.socket's. All off by
+/// default (IPv6 sockets are dual-stack unless `ipv6_only`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(default)]
+pub struct SockOpts {
+    /// Written as a port alone (`tcp = "8080"`, `"*:8080"`): `[::]:PORT` dual-stack, or
+    /// `0.0.0.0:PORT` where IPv6 is unavailable.
+    pub any_host: bool,
+    pub reuse_port: bool,
+    pub free_bind: bool,
+    /// IPV6_V6ONLY, IPv6 addresses only.
+    pub ipv6_only: bool,
+    /// TCP_DEFER_ACCEPT in seconds; 0: off.
+    pub defer_accept: u32,
+    pub keepalive: bool,
+    pub nodelay: bool,
+    /// SO_RCVBUF / SO_SNDBUF in bytes (the kernel doubles them).
+    pub receive_buffer: Option<u32>,
+    pub send_buffer: Option<u32>,
+}
+
+impl ListenAddr {
+    /// The IP address of a tcp or udp listener.
+    pub fn inet(&self) -> Option<&SocketAddr> {
+        match self {
+            ListenAddr::Tcp(a) | ListenAddr::Udp(a) => Some(a),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -382,9 +418,13 @@ pub fn parse_with(path: &Path, text: &str, checks: Checks) -> Result<Config, Con
         if !addrs.insert(l.addr.clone()) {
             return Err(src.err(entry.span(), "listen", format!("address {} is listed twice", l.addr)));
         }
-        if let ListenAddr::Tcp(a) = &l.addr {
-            let other = listen.iter().find_map(|o| match &o.addr {
-                ListenAddr::Tcp(b) if tcp_overlap(a, b) => Some((o, b)),
+        if let ListenAddr::Tcp(a) | ListenAddr::Udp(a) = &l.addr {
+            let other = listen.iter().find_map(|o| match (&l.addr, &o.addr) {
+                (ListenAddr::Tcp(_), ListenAddr::Tcp(b)) | (ListenAddr::Udp(_), ListenAddr::Udp(b))
+                    if tcp_overlap(a, l.opts.ipv6_only, b, o.opts.ipv6_only) =>
+                {
+                    Some((o, b))
+                }
                 _ => None,
             });
             if let Some((o, b)) = other {
@@ -405,7 +445,7 @@ pub fn parse_with(path: &Path, text: &str, checks: Checks) -> Result<Config, Con
     }
     if let (Some(m), Some(span)) = (&master.metrics, raw.master.metrics.as_ref().map(|s| s.span())) {
         let clash = listen.iter().find(|l| match (&l.addr, m) {
-            (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => a == b || tcp_overlap(a, b),
+            (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) => a == b || tcp_overlap(a, l.opts.ipv6_only, b, false),
             (a, b) => a == b,
         });
         if let Some(l) = clash {

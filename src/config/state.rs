@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{
     rlimit_resource, Compat, Config, Credentials, HooksConfig, ListenAddr, ListenConfig, LogFormat, LogTarget,
-    MasterConfig, ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig,
+    MasterConfig, ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, SockOpts, WorkerConfig,
 };
 
 /// [`Config`] as data.
@@ -273,6 +273,9 @@ pub struct ListenState {
     pub mode: Option<u32>,
     pub owner: Option<u32>,
     pub group: Option<u32>,
+    /// Since the socket options (still hand-over version 3): an older master's are all off.
+    #[serde(default)]
+    pub opts: SockOpts,
 }
 
 impl From<&Config> for ConfigState {
@@ -360,6 +363,7 @@ impl From<&Config> for ConfigState {
                     mode: l.mode,
                     owner: l.owner.map(Uid::as_raw),
                     group: l.group.map(Gid::as_raw),
+                    opts: l.opts.clone(),
                 })
                 .collect(),
             hooks: HooksState::from(&c.hooks),
@@ -470,6 +474,7 @@ impl ConfigState {
                     mode: l.mode,
                     owner: l.owner.map(Uid::from_raw),
                     group: l.group.map(Gid::from_raw),
+                    opts: l.opts,
                 })
                 .collect(),
             hooks: HooksConfig::from(hooks),
@@ -502,6 +507,26 @@ mod tests {
         let c = config::parse(Path::new("/etc/zdd/app.toml"), text).unwrap();
         assert_eq!(c.worker.credentials.as_ref().unwrap().user, None);
         assert_eq!(ConfigState::from(&c).into_config(), Ok(c));
+    }
+
+    #[test]
+    fn socket_options_and_udp_survive_the_round_trip_and_default_when_absent() {
+        let text = "[worker]\ncommand = [\"/bin/true\"]\n[[listen]]\nname = \"a\"\ntcp = \"8080\"\nkeepalive = true\n\
+                    defer_accept = \"3s\"\nreceive_buffer = \"64KiB\"\n[[listen]]\nname = \"u\"\nudp = \"0.0.0.0:443\"\nreuse_port = true\n";
+        let c = config::parse(Path::new("/etc/zdd/app.toml"), text).unwrap();
+        let state = ConfigState::from(&c);
+        let json = serde_json::to_string(&state).unwrap();
+        let back: ConfigState = serde_json::from_str(&json).unwrap();
+        let again = back.into_config().unwrap();
+        assert_eq!(again.listen, c.listen);
+        assert!(again.listen[0].opts.keepalive && again.listen[1].opts.reuse_port);
+        // A state written before the options: they are all off.
+        let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        for l in v["listen"].as_array_mut().unwrap() {
+            l.as_object_mut().unwrap().remove("opts");
+        }
+        let old: ConfigState = serde_json::from_value(v).unwrap();
+        assert_eq!(old.listen[0].opts, SockOpts::default());
     }
 
     #[test]

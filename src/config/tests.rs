@@ -495,15 +495,15 @@ fn error_messages_are_cut() {
 #[test]
 fn wildcards_overlap_the_addresses_they_cover() {
     let a = |s: &str| s.parse::<SocketAddr>().unwrap();
-    assert!(tcp_overlap(&a("0.0.0.0:80"), &a("127.0.0.1:80")));
-    assert!(tcp_overlap(&a("127.0.0.1:80"), &a("0.0.0.0:80")));
-    assert!(tcp_overlap(&a("[::]:80"), &a("0.0.0.0:80")));
-    assert!(tcp_overlap(&a("[::1]:80"), &a("[::]:80")));
-    assert!(tcp_overlap(&a("[::]:80"), &a("10.0.0.1:80")));
-    assert!(!tcp_overlap(&a("0.0.0.0:80"), &a("[::1]:80")));
-    assert!(!tcp_overlap(&a("0.0.0.0:80"), &a("127.0.0.1:81")));
-    assert!(!tcp_overlap(&a("127.0.0.1:80"), &a("127.0.0.2:80")));
-    assert!(!tcp_overlap(&a("0.0.0.0:0"), &a("127.0.0.1:0")));
+    assert!(tcp_overlap(&a("0.0.0.0:80"), false, &a("127.0.0.1:80"), false));
+    assert!(tcp_overlap(&a("127.0.0.1:80"), false, &a("0.0.0.0:80"), false));
+    assert!(tcp_overlap(&a("[::]:80"), false, &a("0.0.0.0:80"), false));
+    assert!(tcp_overlap(&a("[::1]:80"), false, &a("[::]:80"), false));
+    assert!(tcp_overlap(&a("[::]:80"), false, &a("10.0.0.1:80"), false));
+    assert!(!tcp_overlap(&a("0.0.0.0:80"), false, &a("[::1]:80"), false));
+    assert!(!tcp_overlap(&a("0.0.0.0:80"), false, &a("127.0.0.1:81"), false));
+    assert!(!tcp_overlap(&a("127.0.0.1:80"), false, &a("127.0.0.2:80"), false));
+    assert!(!tcp_overlap(&a("0.0.0.0:0"), false, &a("127.0.0.1:0"), false));
     let e = err(&format!("{MIN}[[listen]]\nname = \"all\"\ntcp = \"0.0.0.0:8080\"\n"));
     assert!(
         e.contains("6:1: listen: address 0.0.0.0:8080 overlaps 127.0.0.1:8080 of listener \"http\""),
@@ -648,4 +648,120 @@ fn master_metrics_addresses_and_errors() {
         e.contains("master.metrics: is the same path as master.control_socket"),
         "{e}"
     );
+}
+
+#[test]
+fn socket_options_are_read_and_checked_with_their_key() {
+    let c = p(
+        "[worker]\ncommand = [\"/bin/true\"]\n[[listen]]\nname = \"a\"\ntcp = \"*:8080\"\nreuse_port = true\n\
+               free_bind = true\nipv6_only = false\ndefer_accept = \"1500ms\"\nkeepalive = true\nnodelay = true\n\
+               receive_buffer = \"256KiB\"\nsend_buffer = \"4096\"\n\
+               [[listen]]\nname = \"q\"\nudp = \"0.0.0.0:8080\"\n",
+    )
+    .unwrap();
+    let l = &c.listen[0];
+    assert_eq!(l.addr, ListenAddr::Tcp("[::]:8080".parse().unwrap()));
+    let want = SockOpts {
+        any_host: true,
+        reuse_port: true,
+        free_bind: true,
+        ipv6_only: false,
+        defer_accept: 2,
+        keepalive: true,
+        nodelay: true,
+        receive_buffer: Some(256 << 10),
+        send_buffer: Some(4096),
+    };
+    assert_eq!(l.opts, want);
+    // tcp and udp on one port are two listeners.
+    assert_eq!(c.listen[1].addr, ListenAddr::Udp("0.0.0.0:8080".parse().unwrap()));
+    assert_eq!(c.listen[1].opts, SockOpts::default());
+
+    let cases = [
+        (
+            "udp = \"0.0.0.0:443\"\nbacklog = 10",
+            "6|listen.backlog: does not apply to udp",
+        ),
+        (
+            "udp = \"0.0.0.0:443\"\ndefer_accept = \"5s\"",
+            "6|listen.defer_accept: does not apply to udp",
+        ),
+        (
+            "udp = \"0.0.0.0:443\"\nnodelay = true",
+            "6|listen.nodelay: does not apply to udp",
+        ),
+        (
+            "udp = \"0.0.0.0:443\"\nkeepalive = true",
+            "6|listen.keepalive: does not apply to udp",
+        ),
+        (
+            "tcp = \"0.0.0.0:443\"\nipv6_only = true",
+            "6|listen.ipv6_only: only applies to IPv6",
+        ),
+        (
+            "unix = \"/x.sock\"\nreuse_port = true",
+            "6|listen.reuse_port: only applies to tcp and udp",
+        ),
+        (
+            "unix = \"/x.sock\"\nfree_bind = true",
+            "6|listen.free_bind: only applies to tcp and udp",
+        ),
+        (
+            "unix = \"/x.sock\"\nnodelay = true",
+            "6|listen.nodelay: only applies to tcp",
+        ),
+        (
+            "tcp = \"8080\"\ndefer_accept = \"soon\"",
+            "6|listen.defer_accept: invalid duration",
+        ),
+        (
+            "tcp = \"8080\"\nreceive_buffer = \"12\"",
+            "6|listen.receive_buffer: \"12\" must be between 1KiB and 1GiB",
+        ),
+        ("tcp = \"8080\"\nsend_buffer = \"2GiB\"", "6|listen.send_buffer: "),
+        (
+            "tcp = \"8080\"\nudp = \"8080\"",
+            "6|listen: give exactly one of tcp, udp and unix",
+        ),
+        ("udp = \"*:99999\"", "5|listen.udp: "),
+        ("tcp = \"*:\"", "5|listen.tcp: "),
+    ];
+    for (body, want) in cases {
+        let e = err(&format!(
+            "[worker]\ncommand = [\"/bin/true\"]\n[[listen]]\nname = \"a\"\n{body}\n"
+        ));
+        let (line, want) = want.split_once('|').unwrap();
+        assert!(e.contains(&format!("app.toml:{line}:")), "{body}: {e}");
+        assert!(e.contains(want), "{body}: {e}");
+    }
+}
+
+#[test]
+fn overlap_checks_know_ports_alone_ipv6_only_and_udp() {
+    let two = |a: &str, b: &str| {
+        p(&format!(
+            "[worker]\ncommand = [\"/bin/true\"]\n[[listen]]\nname = \"a\"\n{a}\n[[listen]]\nname = \"b\"\n{b}\n"
+        ))
+    };
+    // A port alone is [::]:P, dual-stack: it covers 127.0.0.1:P, and is [::]:P itself.
+    let e = two("tcp = \"8080\"", "tcp = \"127.0.0.1:8080\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("overlaps [::]:8080"), "{e}");
+    let e = two("tcp = \"8080\"", "tcp = \"[::]:8080\"").unwrap_err().to_string();
+    assert!(e.contains("listed twice"), "{e}");
+    // ipv6_only leaves the IPv4 addresses free.
+    assert!(two("tcp = \"[::]:8080\"\nipv6_only = true", "tcp = \"0.0.0.0:8080\"").is_ok());
+    assert!(two("tcp = \"0.0.0.0:8080\"", "tcp = \"8080\"\nipv6_only = true").is_ok());
+    // Udp overlaps udp, never tcp.
+    let e = two("udp = \"0.0.0.0:53\"", "udp = \"127.0.0.1:53\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("overlaps 0.0.0.0:53"), "{e}");
+    assert!(two("udp = \"53\"", "tcp = \"53\"").is_ok());
+    assert!(two("udp = \"127.0.0.1:53\"", "tcp = \"127.0.0.1:53\"").is_ok());
+    let e = two("udp = \"127.0.0.1:53\"", "udp = \"127.0.0.1:53\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("listed twice"), "{e}");
 }

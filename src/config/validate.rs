@@ -18,7 +18,7 @@ use super::checks::{
 use super::raw::{LimitValue, Octal, RawHooks, RawLimit, RawListen, RawMaster, RawProbe, RawStatus, RawWorker, Source};
 use super::{
     cut, shown, Compat, ConfigError, Credentials, HooksConfig, ListenAddr, ListenConfig, LogFormat, LogTarget,
-    MasterConfig, ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, WorkerConfig, HOOK_TIMEOUT,
+    MasterConfig, ProbeCheck, ProbeConfig, Ready, ReloadMode, Restart, Rlimit, SockOpts, WorkerConfig, HOOK_TIMEOUT,
     MAX_ARGS_TOTAL, MAX_ARG_LEN, MAX_DURATION, MAX_SHOWN, PROBE_NAME,
 };
 
@@ -76,16 +76,28 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Whether two tcp listeners cannot both be bound: the same port, one of them a wildcard
 /// covering the other (`0.0.0.0` covers every IPv4 address; `[::]`, dual-stack as zdd binds it,
-/// covers every address of both families). Port 0 asks for a fresh port and never collides.
-pub(super) fn tcp_overlap(a: &SocketAddr, b: &SocketAddr) -> bool {
+/// covers every address of both families unless `ipv6_only`). Port 0 asks for a fresh port and
+/// never collides. The same rules hold for two udp listeners.
+pub(super) fn tcp_overlap(a: &SocketAddr, a_v6only: bool, b: &SocketAddr, b_v6only: bool) -> bool {
     if a.port() != b.port() || a.port() == 0 || a == b {
         return false;
     }
-    let v6_any = |x: &SocketAddr| x.is_ipv6() && x.ip().is_unspecified();
-    if v6_any(a) || v6_any(b) {
+    let dual_any = |x: &SocketAddr, v6only: bool| x.is_ipv6() && x.ip().is_unspecified() && !v6only;
+    if dual_any(a, a_v6only) || dual_any(b, b_v6only) {
         return true;
     }
     a.is_ipv4() == b.is_ipv4() && (a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// A `tcp`/`udp` value: `"IP:PORT"`, `"[IPv6]:PORT"`, or a port alone (`"8080"`, `"*:8080"`):
+/// then `[::]:PORT`, dual-stack, and the flag says so.
+fn parse_inet(s: &str) -> Option<(SocketAddr, bool)> {
+    let port = s.strip_prefix("*:").unwrap_or(s);
+    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+        let port: u16 = port.parse().ok()?;
+        return Some((SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)), true));
+    }
+    s.parse::<SocketAddr>().ok().map(|a| (a, false))
 }
 
 /// Parse a signal name: `TERM`, `SIGTERM` or a number.
@@ -735,18 +747,40 @@ impl Validator<'_> {
                 "must be 1 to 255 printable ASCII characters without ':'",
             ));
         }
-        let addr = match (&l.tcp, &l.unix) {
-            (Some(t), None) => ListenAddr::Tcp(t.get_ref().parse::<SocketAddr>().map_err(|_| {
+        let inet = |t: &Spanned<String>, key: &str| {
+            parse_inet(t.get_ref()).ok_or_else(|| {
                 self.err(
                     t.span(),
-                    "listen.tcp",
+                    key,
                     format!(
-                        "{} is not an address such as \"0.0.0.0:8080\" or \"[::1]:8080\"",
+                        "{} is not an address such as \"0.0.0.0:8080\", \"[::1]:8080\" or a port alone (\"8080\", \"*:8080\": dual-stack)",
                         shown(t.get_ref())
                     ),
                 )
-            })?),
-            (None, Some(u)) => {
+            })
+        };
+        let given: Vec<&Spanned<String>> = [&l.tcp, &l.udp, &l.unix].into_iter().flatten().collect();
+        if given.len() > 1 {
+            let second = given
+                .iter()
+                .map(|v| v.span())
+                .max_by_key(|s| s.start)
+                .unwrap_or(span.clone());
+            return Err(self.err(second, "listen", "give exactly one of tcp, udp and unix"));
+        }
+        let mut any_host = false;
+        let addr = match (&l.tcp, &l.udp, &l.unix) {
+            (Some(t), _, _) => {
+                let (a, any) = inet(t, "listen.tcp")?;
+                any_host = any;
+                ListenAddr::Tcp(a)
+            }
+            (_, Some(t), _) => {
+                let (a, any) = inet(t, "listen.udp")?;
+                any_host = any;
+                ListenAddr::Udp(a)
+            }
+            (None, None, Some(u)) => {
                 let s = u.get_ref();
                 if let Some(abs) = s.strip_prefix('@') {
                     if abs.is_empty() || abs.len() > 106 {
@@ -769,15 +803,25 @@ impl Validator<'_> {
                     ListenAddr::Unix(p)
                 }
             }
-            (Some(t), Some(_)) => return Err(self.err(t.span(), "listen", "give either tcp or unix, not both")),
-            (None, None) => {
+            (None, None, None) => {
                 return Err(self.err(
                     span,
                     "listen",
-                    format!("listener {} needs tcp = \"ADDR:PORT\" or unix = \"PATH\"", shown(name)),
+                    format!(
+                        "listener {} needs tcp = \"ADDR:PORT\", udp = \"ADDR:PORT\" or unix = \"PATH\"",
+                        shown(name)
+                    ),
                 ))
             }
         };
+        let opts = self.sock_opts(l, &addr, any_host)?;
+        if let (Some(b), ListenAddr::Udp(_)) = (&l.backlog, &addr) {
+            return Err(self.err(
+                b.span(),
+                "listen.backlog",
+                "does not apply to udp (a datagram socket has no accept queue)",
+            ));
+        }
         let backlog = match &l.backlog {
             None => nix::libc::SOMAXCONN,
             Some(b) => i32::try_from(*b.get_ref())
@@ -822,6 +866,71 @@ impl Validator<'_> {
             mode,
             owner,
             group,
+            opts,
+        })
+    }
+
+    /// The socket options of a `[[listen]]`, each refused where it makes no sense.
+    fn sock_opts(&self, l: &RawListen, addr: &ListenAddr, any_host: bool) -> Result<SockOpts, ConfigError> {
+        let is_inet = addr.inet().is_some();
+        let is_tcp = matches!(addr, ListenAddr::Tcp(_));
+        let flag = |v: &Option<Spanned<bool>>, key: &str, ok: bool, why: &str| -> Result<bool, ConfigError> {
+            match v {
+                Some(b) if !ok => Err(self.err(b.span(), key, why.to_string())),
+                Some(b) => Ok(*b.get_ref()),
+                None => Ok(false),
+            }
+        };
+        let ip_only = "only applies to tcp and udp listeners";
+        let tcp_only = if is_inet {
+            "does not apply to udp (it is a TCP option)"
+        } else {
+            "only applies to tcp listeners"
+        };
+        let reuse_port = flag(&l.reuse_port, "listen.reuse_port", is_inet, ip_only)?;
+        let free_bind = flag(&l.free_bind, "listen.free_bind", is_inet, ip_only)?;
+        let v6 = addr.inet().is_some_and(|a| a.is_ipv6());
+        let ipv6_only = flag(
+            &l.ipv6_only,
+            "listen.ipv6_only",
+            v6,
+            "only applies to IPv6 addresses (\"[::]:8080\", or a port alone)",
+        )?;
+        let keepalive = flag(&l.keepalive, "listen.keepalive", is_tcp, tcp_only)?;
+        let nodelay = flag(&l.nodelay, "listen.nodelay", is_tcp, tcp_only)?;
+        let defer_accept = match &l.defer_accept {
+            None => 0,
+            Some(d) if !is_tcp => return Err(self.err(d.span(), "listen.defer_accept", tcp_only)),
+            Some(d) => {
+                let secs = self
+                    .duration(&l.defer_accept, "listen.defer_accept", Duration::ZERO, false)?
+                    .as_secs_f64()
+                    .ceil();
+                if secs > i32::MAX as f64 {
+                    return Err(self.err(d.span(), "listen.defer_accept", "is too long"));
+                }
+                secs as u32
+            }
+        };
+        let buffer = |v: &Option<Spanned<String>>, key: &str| -> Result<Option<u32>, ConfigError> {
+            v.as_ref()
+                .map(|s| {
+                    parse_size_in(s.get_ref(), 1 << 10, 1 << 30, "1KiB and 1GiB")
+                        .map(|n| n as u32)
+                        .map_err(|m| self.err(s.span(), key, m))
+                })
+                .transpose()
+        };
+        Ok(SockOpts {
+            any_host,
+            reuse_port,
+            free_bind,
+            ipv6_only,
+            defer_accept,
+            keepalive,
+            nodelay,
+            receive_buffer: buffer(&l.receive_buffer, "listen.receive_buffer")?,
+            send_buffer: buffer(&l.send_buffer, "listen.send_buffer")?,
         })
     }
 
@@ -881,6 +990,11 @@ impl Validator<'_> {
 /// A memory size: `"512MiB"`, `"1.5GiB"`, `"300MB"`, `"4096"` (bytes). Binary (KiB, MiB, GiB)
 /// and decimal (kB, MB, GB) units; at least 1 MiB, at most 1 TiB.
 pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    parse_size_in(text, 1 << 20, 1 << 40, "1MiB and 1TiB")
+}
+
+/// A size like [`parse_size`]'s, between `min` and `max` bytes (`range` says so in words).
+pub(crate) fn parse_size_in(text: &str, min: u64, max: u64, range: &str) -> Result<u64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = (&t[..split], t[split..].trim());
@@ -906,8 +1020,8 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
         }
     };
     let bytes = n * mult as f64;
-    if !(bytes.is_finite() && (1u64 << 20) as f64 <= bytes && bytes <= (1u64 << 40) as f64) {
-        return Err(format!("{} must be between 1MiB and 1TiB", shown(text)));
+    if !(bytes.is_finite() && min as f64 <= bytes && bytes <= max as f64) {
+        return Err(format!("{} must be between {range}", shown(text)));
     }
     Ok(bytes as u64)
 }

@@ -46,6 +46,9 @@ impl Master {
                 Some(kept) => listeners.push(Rc::clone(kept)),
                 None => match Listener::bind(lc) {
                     Ok(l) => {
+                        if l.ipv4_fallback() {
+                            warn!(self.log, "IPv6 is unavailable: a port-only listener listens on IPv4 only (0.0.0.0)"; "name" => &lc.name);
+                        }
                         info!(self.log, "listening"; "addr" => l.local_addr(), "name" => &lc.name);
                         listeners.push(Rc::new(l));
                     }

@@ -57,7 +57,7 @@ impl Master {
         for lc in &config.listen {
             let l = match adopt(&mut inherited, lc) {
                 Some((name, fd)) => {
-                    let l = Listener::from_state(fd, lc.addr.clone(), None, lc.backlog);
+                    let l = Listener::from_state(fd, lc.addr.clone(), None, lc.backlog).with_opts(&lc.opts);
                     info!(log, "adopted socket from systemd"; "addr" => l.local_addr(), "name" => &lc.name,
                         "fdname" => name.as_deref().unwrap_or(""));
                     if let Some(name) = name {
@@ -67,6 +67,9 @@ impl Master {
                 }
                 None => {
                     let l = Listener::bind(lc)?;
+                    if l.ipv4_fallback() {
+                        warn!(log, "IPv6 is unavailable: a port-only listener listens on IPv4 only (0.0.0.0)"; "name" => &lc.name);
+                    }
                     info!(log, "listening"; "addr" => l.local_addr(), "name" => &lc.name);
                     l
                 }
@@ -223,7 +226,9 @@ fn adopt(
 /// TCP entry with port 0 (any port), the same IP.
 fn addr_matches(want: &ListenAddr, bound: &ListenAddr) -> bool {
     match (want, bound) {
-        (ListenAddr::Tcp(w), ListenAddr::Tcp(b)) if w.port() == 0 => w.ip() == b.ip(),
+        (ListenAddr::Tcp(w), ListenAddr::Tcp(b)) | (ListenAddr::Udp(w), ListenAddr::Udp(b)) if w.port() == 0 => {
+            w.ip() == b.ip()
+        }
         _ => want == bound,
     }
 }

@@ -297,7 +297,16 @@ impl Master {
         let all: Vec<Rc<Listener>> = state
             .listeners
             .into_iter()
-            .map(|l| Rc::new(Listener::from_state(handover::own(l.fd), l.addr, l.created, l.backlog)))
+            .map(|l| {
+                // The socket options it was bound with are its config's (carried in the state).
+                let opts = config
+                    .listen
+                    .iter()
+                    .find(|lc| lc.addr == l.addr)
+                    .map(|lc| lc.opts.clone());
+                let listener = Listener::from_state(handover::own(l.fd), l.addr, l.created, l.backlog);
+                Rc::new(listener.with_opts(&opts.unwrap_or_default()))
+            })
             .collect();
         let now = Instant::now();
         let wall = clock::wall_ms;

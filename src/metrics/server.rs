@@ -47,6 +47,7 @@ impl MetricsServer {
             mode: None,
             owner: None,
             group: None,
+            opts: Default::default(),
         })?;
         Ok(MetricsServer::from_listener(listener))
     }
