@@ -372,7 +372,7 @@ fn puma_serves_the_probe_with_bind_to_activated_sockets() {
         reload_command: None,
         bad_command: command,
         bad_worker: format!("{cwd}\n{}", health(500)),
-        shutdown_drops: false,
+        shutdown_drops: true,
     });
 }
 
