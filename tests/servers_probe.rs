@@ -201,14 +201,16 @@ fn probed(s: Server) {
             && e.contains("generation 2 keeps serving"),
         "{e}"
     );
+    // The bad release is asked to stop, not killed: it answers what it accepted before. Once
+    // it is gone, generation 2 answers everything.
+    wait_for("the bad release to be gone", DEADLINE, || (!alive(bad)).then_some(()));
     let (status, body) = get(port, "/").unwrap();
     assert_eq!((status, generation(&body)), (200, Some(2)), "{body}");
     let t = load.finish();
-    wait_for("the bad release to be gone", DEADLINE, || (!alive(bad)).then_some(()));
     assert_eq!(common::status(&z)["generation"], 2);
 
     // When each failure came: the old generation's shutdown (from the commit until it
-    // exited), the bad release's SIGKILL (from `reload failed` until it exited), or neither.
+    // exited), the bad release's own stop (from `reload failed` until it exited), or neither.
     let exited = |pid: i32| {
         z.records_with("worker exited")
             .into_iter()
@@ -224,7 +226,7 @@ fn probed(s: Server) {
     };
     // The stop signal goes out in the step that logs `reload complete`, just before it.
     let old_stop = at("reload complete") - 10_000_000..=exited(first);
-    // The kill goes out in the step that logs `reload failed`, just before the record.
+    // The stop signal goes out in the step that logs `reload failed`, just before the record.
     let bad_kill = at("reload failed") - 10_000_000..=exited(bad);
     let (mut during_stop, mut during_kill, mut other) = (vec![], vec![], vec![]);
     for (t, e) in &t.failures {
@@ -250,8 +252,8 @@ fn probed(s: Server) {
     };
     eprintln!(
         "MEASURE {}: {} requests, answers by (generation, status) {:?}; the bad release (generation 3) \
-         answered {} while it lived {} (started to killed); failed: {} while generation 1 shut down \
-         {during_stop:?}, {} when the bad release was killed {during_kill:?}, {} otherwise {other:?}",
+         answered {} while it lived {} (started to exited); failed: {} while generation 1 shut down \
+         {during_stop:?}, {} while the bad release stopped {during_kill:?}, {} otherwise {other:?}",
         s.test,
         t.requests,
         t.answers,
@@ -265,6 +267,11 @@ fn probed(s: Server) {
     assert!(
         s.shutdown_drops || during_stop.is_empty(),
         "failed while generation 1 shut down: {during_stop:?}"
+    );
+    // Nor does the failed release: it is asked to stop like any worker, never killed outright.
+    assert!(
+        s.shutdown_drops || during_kill.is_empty(),
+        "failed while the bad release stopped: {during_kill:?}"
     );
     assert!(
         other.is_empty(),
