@@ -25,6 +25,12 @@ pub struct LineBatch {
     room: usize,
     /// Lines in `buf`.
     lines: u64,
+    /// JSON: what follows the message of every line of one stream in this batch,
+    /// `","level":"INFO","ts":<stamp><tag>`, built when the stamp or the tag changes, so that a
+    /// plain line is three copies (its start, its text, this) as in the text format.
+    suffix: Vec<u8>,
+    /// The tag `suffix` was built for.
+    suffix_tag: Vec<u8>,
 }
 
 /// Flush a batch when it grows past this, so a flood of lines needs no more memory.
@@ -40,6 +46,8 @@ impl LineBatch {
             turn: 0,
             room: PAUSE_AT,
             lines: 0,
+            suffix: Vec::new(),
+            suffix_tag: Vec::new(),
         }
     }
 
@@ -66,6 +74,7 @@ impl LineBatch {
     }
 
     fn take_stamp(&mut self) {
+        self.suffix.clear();
         match self.format {
             LogFormat::Text => {
                 let _ = slog_term::timestamp_local(&mut self.stamp);
@@ -135,16 +144,26 @@ impl LineBatch {
                 }
             }
             LogFormat::Json => {
-                b.extend_from_slice(b"{\"msg\":");
-                if json_plain || text.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
-                    b.push(b'"');
-                    b.extend_from_slice(text.as_bytes());
-                    b.push(b'"');
-                } else {
-                    let _ = serde_json::to_writer(&mut *b, &*text);
+                if self.suffix.is_empty() || self.suffix_tag != tag {
+                    self.suffix.clear();
+                    self.suffix.extend_from_slice(b"\",\"level\":\"INFO\",\"ts\":");
+                    self.suffix.extend_from_slice(&self.stamp);
+                    self.suffix.extend_from_slice(tag);
+                    self.suffix_tag.clear();
+                    self.suffix_tag.extend_from_slice(tag);
                 }
-                b.extend_from_slice(b",\"level\":\"INFO\",\"ts\":");
-                b.extend_from_slice(&self.stamp);
+                if json_plain || text.bytes().all(|c| c >= 0x20 && c != b'"' && c != b'\\') {
+                    b.extend_from_slice(b"{\"msg\":\"");
+                    b.extend_from_slice(text.as_bytes());
+                } else {
+                    b.extend_from_slice(b"{\"msg\":");
+                    let _ = serde_json::to_writer(&mut *b, &*text);
+                    // The closing quote is the suffix's first byte.
+                    b.pop();
+                }
+                b.extend_from_slice(&self.suffix);
+                self.lines += 1;
+                return text;
             }
         }
         b.extend_from_slice(tag);
@@ -214,5 +233,53 @@ mod tests {
                 assert_eq!(batched, logged, "{format:?} {line:?}");
             }
         }
+    }
+
+    /// The JSON suffix (level, timestamp, tag) is built once per stream and batch: lines of
+    /// two streams interleaved in one batch each keep their own tag, and a line that needs
+    /// escaping (or UTF-8 repair) between plain ones changes nothing around it.
+    #[test]
+    fn json_lines_of_interleaved_streams_keep_their_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (_log, sink) = build(&LogTarget::File(path.clone()), LogFormat::Json).unwrap();
+        let mut batch = LineBatch::new(sink, LogFormat::Json);
+        batch.begin();
+        let out = batch.tag(42, 7, "stdout");
+        let err = batch.tag(42, 7, "stderr");
+        let lines: [(&[u8], &[u8]); 6] = [
+            (b"plain", &out),
+            (b"to \"err\" \\", &err),
+            (b"bad \xff\xfe utf-8 \x01", &out),
+            (b"", &err),
+            (b"plain again", &err),
+            (b"last", &out),
+        ];
+        for (line, tag) in lines {
+            batch.push(line, tag);
+        }
+        batch.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let got: Vec<(String, String)> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                assert_eq!(v["level"], "INFO", "{l}");
+                assert_eq!(v["pid"], 42, "{l}");
+                assert!(v["ts"].as_str().unwrap().ends_with('Z'), "{l}");
+                (
+                    v["msg"].as_str().unwrap().to_string(),
+                    v["stream"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String)> = lines
+            .iter()
+            .map(|(line, tag)| {
+                let stream = if *tag == &out[..] { "stdout" } else { "stderr" };
+                (String::from_utf8_lossy(line).into_owned(), stream.to_string())
+            })
+            .collect();
+        assert_eq!(got, want, "{text}");
     }
 }

@@ -133,7 +133,7 @@ impl Pipe {
     fn emit_lines(&mut self, emit: &mut impl FnMut(&[u8]) -> bool) -> bool {
         let mut more = true;
         let mut start = 0;
-        while let Some(nl) = self.buf[start..].iter().position(|&b| b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', &self.buf[start..]) {
             let line = &self.buf[start..start + nl];
             for piece in line.chunks(MAX_LINE.max(1)) {
                 more &= emit(piece);
