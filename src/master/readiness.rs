@@ -32,8 +32,8 @@ pub(super) fn interval(age: Duration) -> Duration {
 /// A starting worker the loop looks at.
 pub(super) struct Watch {
     pid: Pid,
-    /// Its listeners' socket inodes.
-    inodes: Vec<u64>,
+    /// Its listeners' socket inodes, sorted: shared by the workers of a generation.
+    inodes: Rc<[u64]>,
     /// Its cgroup directory, if it has one.
     cgroup: Option<std::path::PathBuf>,
     started: Instant,
@@ -46,16 +46,11 @@ impl Watch {
         self.pid
     }
 
-    pub(super) fn new(w: &Worker, now: Instant) -> Watch {
+    /// `inodes`: [`inodes`] of the worker's listeners.
+    pub(super) fn new(w: &Worker, inodes: Rc<[u64]>, now: Instant) -> Watch {
         Watch {
             pid: w.pid,
-            // An fd the master holds cannot fail fstat; were it to, that listener is not
-            // looked for (the others are).
-            inodes: w
-                .listeners
-                .iter()
-                .filter_map(|l| listening::inode_of(l.raw_fd()).ok())
-                .collect(),
+            inodes,
             cgroup: w.cgroup.as_ref().map(|c| c.path().to_path_buf()),
             started: now,
             next: now,
@@ -64,7 +59,33 @@ impl Watch {
     }
 }
 
+/// The socket inodes of `listeners`, sorted and without duplicates, for [`listening::find`].
+/// One `fstat` per listener: computed once per generation, not per worker.
+pub(super) fn inodes(listeners: &[Rc<Listener>]) -> Rc<[u64]> {
+    // An fd the master holds cannot fail fstat; were it to, that listener is not looked for
+    // (the others are).
+    let mut inodes: Vec<u64> = listeners
+        .iter()
+        .filter_map(|l| listening::inode_of(l.raw_fd()).ok())
+        .collect();
+    inodes.sort_unstable();
+    inodes.dedup();
+    inodes.into()
+}
+
 impl Master {
+    /// [`inodes`] of a generation's listeners, kept for the generation whose workers start.
+    pub(super) fn generation_inodes(&mut self, generation: u64, listeners: &[Rc<Listener>]) -> Rc<[u64]> {
+        match &self.inodes {
+            Some((g, inodes)) if *g == generation => Rc::clone(inodes),
+            _ => {
+                let inodes = inodes(listeners);
+                self.inodes = Some((generation, Rc::clone(&inodes)));
+                inodes
+            }
+        }
+    }
+
     /// The mode of a worker's generation: the pending reload's config, or the serving one.
     pub(super) fn ready_mode(&self, generation: u64) -> config::Ready {
         match &self.pending {
