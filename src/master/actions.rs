@@ -155,7 +155,9 @@ impl Master {
         });
         if let Some(inodes) = inodes {
             if let Some(w) = self.workers.last() {
-                self.watches.push(readiness::Watch::new(w, inodes, Instant::now()));
+                let watched = self.watches.len() + 1;
+                self.watches
+                    .push(readiness::Watch::new(w, inodes, watched, Instant::now()));
             }
         }
         Ok(spawned.pid)

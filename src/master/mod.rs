@@ -195,7 +195,7 @@ impl Master {
                         .worker(w.pid)
                         .is_some_and(|m| matches!(m.state, crate::worker::State::Starting { .. }))
                 })
-                .map(|w| readiness::Watch::new(w, readiness::inodes(&w.listeners), now))
+                .map(|w| readiness::Watch::new(w, readiness::inodes(&w.listeners), 1, now))
                 .collect(),
             false => Vec::new(),
         };
