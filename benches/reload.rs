@@ -62,6 +62,11 @@ fn main() {
         .unwrap_or(1000);
     let fixture = build_fixture();
     let dir = tempfile::tempdir().unwrap();
+    // `ZDD_BENCH_ONLY=many`: only the many-listeners, many-workers part.
+    if std::env::var("ZDD_BENCH_ONLY").is_ok_and(|v| v == "many") {
+        many(&fixture, dir.path());
+        return;
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -273,21 +278,27 @@ fn relay(fixture: &std::path::Path, dir: &std::path::Path) {
     }
 }
 
-/// 1,000 listeners and 64 workers: start, then reload round trips.
+/// `ZDD_BENCH_LISTENERS` (1,000) listeners and `ZDD_BENCH_WORKERS` (64) workers: start, then
+/// `ZDD_BENCH_MANY_RELOADS` (20) reload round trips through `zdd reload`, then stop; master RSS,
+/// and where a reload's time goes, from the master's log (microsecond timestamps).
 fn many(fixture: &std::path::Path, dir: &std::path::Path) {
-    const LISTENERS: usize = 1000;
-    const WORKERS: usize = 64;
-    // The master holds 1,000 sockets and 128 pipes; each worker gets the 1,000 sockets.
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let listeners = env("ZDD_BENCH_LISTENERS", 1000);
+    let workers = env("ZDD_BENCH_WORKERS", 64);
+    let runs = env("ZDD_BENCH_MANY_RELOADS", 20);
+    // The master holds the sockets and two pipes per worker; each worker gets every socket.
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let log = dir.join("many.log");
+    let _ = std::fs::remove_file(&log);
     let mut text = format!(
         "[master]\nlog_format = \"json\"\nlog = \"{}\"\ncontrol_socket = \"run/many.sock\"\n\
-         [worker]\ncommand = [\"{}\", \"--ready\"]\ncount = {WORKERS}\nstop_timeout = \"30s\"\nstart_timeout = \"60s\"\n",
-        dir.join("many.log").display(),
+         [worker]\ncommand = [\"{}\", \"--ready\"]\ncount = {workers}\nstop_timeout = \"30s\"\nstart_timeout = \"60s\"\n",
+        log.display(),
         fixture.display()
     );
     // Distinct free ports: held all at once while picked, then let go for zdd to bind.
-    let held: Vec<std::net::TcpListener> = (0..LISTENERS)
+    let held: Vec<std::net::TcpListener> = (0..listeners)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     for (i, l) in held.iter().enumerate() {
@@ -297,6 +308,8 @@ fn many(fixture: &std::path::Path, dir: &std::path::Path) {
     drop(held);
     let config = dir.join("many.toml");
     std::fs::write(&config, text).unwrap();
+    // Reading and validating the config alone: `zdd check` runs the same function as a reload.
+    let check = time_command("check", &config, 5);
     let t0 = Instant::now();
     let st = Command::new(env!("CARGO_BIN_EXE_zdd"))
         .args(["start", "-c"])
@@ -306,20 +319,97 @@ fn many(fixture: &std::path::Path, dir: &std::path::Path) {
         .unwrap();
     assert!(
         st.success(),
-        "start with {LISTENERS} listeners and {WORKERS} workers failed"
+        "start with {listeners} listeners and {workers} workers failed"
     );
     let start = t0.elapsed();
     let pid: u32 = std::fs::read_to_string(dir.join("run/many.pid"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
-    let reloads = time_command("reload", &config, 20);
-    println!(
-        "{LISTENERS} listeners, {WORKERS} workers: start {:.1} ms; reload round trip (20 runs) median {:.1} ms, max {:.1} ms; master RSS {} KiB",
-        start.as_secs_f64() * 1000.0,
-        percentile(&reloads, 0.5).as_secs_f64() * 1000.0,
-        reloads.last().unwrap().as_secs_f64() * 1000.0,
-        if pid > 0 { rss_kib(pid) } else { 0 }
-    );
+    let rss_start = if pid > 0 { rss_kib(pid) } else { 0 };
+    let reloads = time_command("reload", &config, runs);
+    let rss = if pid > 0 { rss_kib(pid) } else { 0 };
+    let t0 = Instant::now();
     stop(&config);
+    let stopped = t0.elapsed();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "{listeners} listeners, {workers} workers: start {:.1} ms; reload round trip ({runs} runs, `zdd reload`) median {:.1} ms, max {:.1} ms; stop {:.1} ms; master RSS {rss_start} KiB after start, {rss} KiB after the reloads",
+        ms(start),
+        ms(percentile(&reloads, 0.5)),
+        ms(*reloads.last().unwrap()),
+        ms(stopped),
+    );
+    println!(
+        "  `zdd check` (config read and validated, CLI process included): median {:.1} ms",
+        ms(percentile(&check, 0.5))
+    );
+    breakdown(&log, workers);
+}
+
+/// Where a reload's time went, from the master's log: SIGHUP or request → first "worker
+/// started" (config read and validated, listeners diffed, the first fork/exec), between
+/// consecutive "worker started" (one fork/exec: the master waits for each exec), last started →
+/// "reload complete" (the last READY=1, old workers signalled). Medians over the reloads.
+fn breakdown(log: &std::path::Path, workers: usize) {
+    let Ok(text) = std::fs::read_to_string(log) else { return };
+    let ts = |v: &serde_json::Value| -> Option<f64> {
+        let t = v["ts"].as_str()?;
+        let t = chrono_like_secs(t)?;
+        Some(t)
+    };
+    let (mut first, mut per, mut ready, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut begin: Option<f64> = None;
+    let mut started: Vec<f64> = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let Some(t) = ts(&v) else { continue };
+        let msg = v["msg"].as_str().unwrap_or("");
+        if msg.starts_with("reload requested") || msg == "reloading" {
+            begin = Some(t);
+            started.clear();
+        } else if msg == "worker started" && begin.is_some() {
+            started.push(t);
+        } else if msg == "reload complete" {
+            if let (Some(b), Some(&f), Some(&l)) = (begin, started.first(), started.last()) {
+                first.push(f - b);
+                if started.len() > 1 {
+                    per.push((l - f) / (started.len() - 1) as f64);
+                }
+                ready.push(t - l);
+                total.push(t - b);
+            }
+            begin = None;
+        }
+    }
+    let med = |v: &mut Vec<f64>| -> f64 {
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2] * 1000.0
+    };
+    println!(
+        "  breakdown (master log, medians of {} reloads): request → first worker started {:.2} ms; per further worker (fork, fds, exec) {:.3} ms × {}; last started → reload complete {:.2} ms; request → complete {:.1} ms",
+        total.len(),
+        med(&mut first),
+        med(&mut per),
+        workers.saturating_sub(1),
+        med(&mut ready),
+        med(&mut total),
+    );
+}
+
+/// Seconds within the day of an RFC 3339 timestamp ("…T12:34:56.789012+00:00"), enough for
+/// differences within a run.
+fn chrono_like_secs(t: &str) -> Option<f64> {
+    let time = t.split('T').nth(1)?;
+    let end = time.find(['+', '-', 'Z']).unwrap_or(time.len());
+    let mut parts = time[..end].split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
 }

@@ -135,6 +135,11 @@ impl Master {
                 return Err(format!("starting worker: {e}"));
             }
         };
+        let inodes = config
+            .worker
+            .ready
+            .watches_listening()
+            .then(|| self.generation_inodes(generation, &listeners));
         self.workers.push(Worker {
             pid: spawned.pid,
             generation,
@@ -148,9 +153,11 @@ impl Master {
             probe,
             cgroup,
         });
-        if config.worker.ready.watches_listening() {
+        if let Some(inodes) = inodes {
             if let Some(w) = self.workers.last() {
-                self.watches.push(readiness::Watch::new(w, Instant::now()));
+                let watched = self.watches.len() + 1;
+                self.watches
+                    .push(readiness::Watch::new(w, inodes, watched, Instant::now()));
             }
         }
         Ok(spawned.pid)

@@ -111,6 +111,9 @@ pub struct Master {
     workers: Vec<Worker>,
     /// Starting workers of `ready = "listening"` or `"auto"`, looked at until they listen.
     watches: Vec<readiness::Watch>,
+    /// The socket inodes of the listeners of the generation whose workers were last started
+    /// (`readiness::inodes`): computed once per generation, shared by its watches.
+    inodes: Option<(u64, Rc<[u64]>)>,
     /// The machine said the stop is over: the exit code.
     exit: Option<i32>,
     /// Log pipes of reaped workers that something else (a grandchild) still holds open.
@@ -192,12 +195,13 @@ impl Master {
                         .worker(w.pid)
                         .is_some_and(|m| matches!(m.state, crate::worker::State::Starting { .. }))
                 })
-                .map(|w| readiness::Watch::new(w, now))
+                .map(|w| readiness::Watch::new(w, readiness::inodes(&w.listeners), 1, now))
                 .collect(),
             false => Vec::new(),
         };
         Master {
             watches,
+            inodes: None,
             lines: LineBatch::new(p.sink.clone(), p.config.master.log_format),
             log: p.log,
             sink: p.sink,

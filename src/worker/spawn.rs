@@ -11,9 +11,11 @@
 //!    it joins its cgroup (writes "0" into the worker cgroup's `cgroup.procs`, opened by the
 //!    master before fork), so that every descendant is contained, even one that leaves the
 //!    process group (see `cgroup.rs`);
-//! 3. lay out the fds: every source (stdin, the two log pipes, the listeners, the error pipe)
-//!    is first moved above the target range 0..3+n, then `dup2`ed into place (which clears
-//!    close-on-exec on the copy), and everything from 3+n up is marked close-on-exec;
+//! 3. lay out the fds: every source (stdin, the two log pipes, the listeners) is `dup2`ed into
+//!    place (which clears close-on-exec on the copy) in target order, after moving above the
+//!    target range 0..3+n the few sources a previous `dup2` could clobber (those below their
+//!    target) and the error pipe; a source already at its target only has close-on-exec
+//!    cleared. Then everything from 3+n up is marked close-on-exec;
 //! 4. write its own pid into `LISTEN_PID`;
 //! 5. drop privileges: setgroups, setgid, setuid — then PR_SET_PDEATHSIG (a credential change
 //!    clears it), and a check that the master did not die meanwhile;
@@ -548,22 +550,37 @@ unsafe fn child_after_fork(plan: ChildPlan<'_>) -> ! {
         fail(plan.report_fd, STEP_CGROUP);
     }
 
-    // 3. Fds. Move every source, and the report pipe, above the target range first.
+    // 3. Fds. Source i goes to fd i, in increasing order. The dup2 onto fd t clobbers
+    //    whatever sits at t; a source sitting at t whose own target is below t was placed
+    //    already. So only sources below their target can be lost: those (and the report
+    //    pipe, if in the range) are moved above the range first. The master's listeners usually sit just above their targets
+    //    (bound in order at start), so with n listeners this is n dup2 calls, not 2n.
     let first_free = 3 + plan.n;
-    let report_fd = libc::fcntl(plan.report_fd, libc::F_DUPFD_CLOEXEC, first_free);
-    if report_fd < 0 {
-        fail(plan.report_fd, STEP_FDS);
-    }
-    for fd in plan.sources.iter_mut() {
-        let moved = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, first_free);
-        if moved < 0 {
-            fail(report_fd, STEP_FDS);
+    let mut report_fd = plan.report_fd;
+    if report_fd < first_free {
+        report_fd = libc::fcntl(plan.report_fd, libc::F_DUPFD_CLOEXEC, first_free);
+        if report_fd < 0 {
+            fail(plan.report_fd, STEP_FDS);
         }
-        *fd = moved;
     }
-    for (target, fd) in plan.sources.iter().enumerate() {
-        // target != fd always (sources sit above the range), so dup2 clears close-on-exec.
-        if libc::dup2(*fd, target as c_int) < 0 {
+    for (target, fd) in plan.sources.iter_mut().enumerate() {
+        if *fd < target as c_int {
+            let moved = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, first_free);
+            if moved < 0 {
+                fail(report_fd, STEP_FDS);
+            }
+            *fd = moved;
+        }
+    }
+    for (target, &fd) in plan.sources.iter().enumerate() {
+        let target = target as c_int;
+        // dup2(fd, fd) would not clear close-on-exec: a source already in place is cleared.
+        let placed = if fd == target {
+            libc::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(fd, target)
+        };
+        if placed < 0 {
             fail(report_fd, STEP_FDS);
         }
     }
