@@ -520,3 +520,48 @@ fn udp_listener_is_passed_and_kept_by_address_and_type_across_a_reload() {
     assert_eq!(ask_udp(r), (second, 2));
     z.stop();
 }
+
+#[test]
+fn a_new_listener_bound_below_its_target_fd_reaches_the_worker_in_its_place() {
+    // 13 listeners, then the first 5 removed (their fds free once the old workers are gone),
+    // then one added at the end: it is bound on a freed low fd (8 here, seen with `ss -ltnp`),
+    // below its target (3 + 8 = 11), the case where the child must move it out of the way
+    // before placing the others.
+    let ports: Vec<u16> = (0..14).map(|_| free_port()).collect();
+    let conf = |idx: &[usize]| {
+        let mut s = format!(
+            "[worker]\ncommand = {}\n",
+            toml_list(&["{fixture}", "--ready", "--serve"])
+        );
+        for &i in idx {
+            s.push_str(&format!(
+                "\n[[listen]]\nname = \"l{i}\"\ntcp = \"127.0.0.1:{}\"\n",
+                ports[i]
+            ));
+        }
+        s
+    };
+    let mut z = Zdd::spawn(&conf(&(0..13).collect::<Vec<_>>()));
+    z.wait_ready();
+    z.write_config(&conf(&(5..13).collect::<Vec<_>>()));
+    z.reload(1);
+    wait_for("generation 1 gone", DEADLINE, || {
+        (ask_gen(addr(ports[5]), 2) > 0).then_some(())
+    });
+    wait_for("the old worker gone", DEADLINE, || {
+        (z.records_with("worker exited").len() == 1).then_some(())
+    });
+    let mut idx: Vec<usize> = (5..13).collect();
+    idx.push(13);
+    z.write_config(&conf(&idx));
+    z.reload(2);
+    // Every listener reaches generation 3's worker, at the fd LISTEN_FDNAMES says.
+    for (k, &i) in idx.iter().enumerate() {
+        let (pid, gen) = ask(addr(ports[i])).unwrap_or_else(|e| panic!("listener l{i} (fd {}): {e}", 3 + k));
+        assert_eq!(gen, 3, "l{i}");
+        let r = z.report(pid);
+        let names = r["env"]["LISTEN_FDNAMES"].as_str().unwrap().to_string();
+        assert_eq!(names.split(':').nth(k), Some(format!("l{i}").as_str()), "{names}");
+    }
+    z.stop();
+}
