@@ -44,7 +44,7 @@ impl Master {
             .iter()
             .find(|w| w.pid == pid)
             .and_then(|w| w.cgroup.as_ref())
-            .map(|c| c.path().to_path_buf());
-        crate::worker::usage::rss_bytes(pid, cgroup.as_deref())
+            .map(|c| c.path());
+        crate::worker::usage::rss_bytes(pid, cgroup)
     }
 }

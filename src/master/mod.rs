@@ -454,8 +454,7 @@ impl Master {
                     )
                 });
                 if starting {
-                    let cgroup = w.cgroup.as_ref().map(|c| c.path().to_path_buf());
-                    left_behind = crate::worker::usage::members(pid, cgroup.as_deref());
+                    left_behind = crate::worker::usage::members(pid, w.cgroup.as_ref().map(|c| c.path()));
                     left_behind.retain(|&p| p != pid.as_raw());
                 }
                 w.kill_leftovers();

@@ -561,6 +561,7 @@ impl Generations {
                 .filter(|w| self.held(w))
                 .map(|w| w.generation)
                 .collect();
+            g.sort_unstable();
             g.dedup();
             g
         };
